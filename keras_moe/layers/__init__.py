@@ -1,0 +1,12 @@
+"""Keras layers of keras-moe: gates, mixture-of-experts layers and their dispatch.
+
+- `gates`: gating networks (`SoftmaxGate`, `NoisyTopKGate`, `ReLUGate`) and the gate-output
+  dict they return.
+- `moe_dense`: `MoEDense`, a dense mixture of experts.
+- `dispatch`: how tokens reach experts (sparse, capacity, dense).
+"""
+
+from keras_moe.layers.gates import NoisyTopKGate, ReLUGate, SoftmaxGate
+from keras_moe.layers.moe_dense import MoEDense
+
+__all__ = ["MoEDense", "NoisyTopKGate", "ReLUGate", "SoftmaxGate"]

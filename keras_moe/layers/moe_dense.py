@@ -1,0 +1,470 @@
+"""`MoEDense`: a dense layer made of gated experts."""
+
+import keras
+from keras import ops
+
+from keras_moe import regularizers
+from keras_moe.layers import dispatch as dispatch_lib
+from keras_moe.layers import validation
+from keras_moe.layers.gates import NoisyTopKGate, SoftmaxGate
+
+GATES = ("softmax", "noisy_top_k")
+DISPATCH_MODES = ("sparse", "capacity", "dense")
+
+
+def _default_dispatch(top_k):
+    if top_k is None:
+        return "dense"
+    return "sparse" if keras.backend.backend() == "tensorflow" else "capacity"
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class MoEDense(keras.layers.Layer):
+    """A mixture of `num_experts` dense experts behind a gating network.
+
+    Each expert is `activation(x W_e + b_e)` (Eigen et al.'s experts), or with
+    `expert_hidden_units` a one-hidden-layer feed-forward network
+    `activation(expert_hidden_activation(x U_e + c_e) W_e + b_e)` (Shazeer et al.'s
+    experts). Expert weights are stacked along a leading expert axis. The output is
+    `sum_e g_e(x) expert_e(x)`, where `g(x)` comes from the gate. Every leading position
+    of an input of rank >= 2 is a token routed on its own.
+
+    With `top_k=None` all experts are mixed (soft gating, Eigen); with `top_k=k` only the
+    k experts with the largest gate logits get a non-zero gate, and with the default
+    `dispatch="sparse"` only those experts are computed for that token.
+
+    Balancing regularizers passed as `balance_loss` are added with `add_loss` in
+    training only. Their batch statistics are taken over the global batch under
+    `tf.distribute` (Keras then divides every added loss by the replica count), so a
+    data-parallel run optimises the same objective as a single device.
+
+    Eigen's assignment constraint (`assignment_margin=m`): the layer keeps the running
+    total `G_i` of the gate values given to each expert over the training examples seen.
+    While `G_i - mean(G) > m`, expert `i`'s gate is set to zero for the example and the
+    gate is renormalised over the remaining experts; gradients still flow through the
+    kept gate values. Examples are processed in order within a batch (the paper's rule,
+    exact for any batch size), so each total stays within `m + 1` of the mean. Call
+    `set_assignment_constraint(False)` for the paper's second, unconstrained phase.
+    Under a data-parallel strategy each replica applies the rule to its shard from the
+    shared totals, and the totals then add up every replica's assignments.
+
+    Args:
+        units: Output width of every expert, >= 1.
+        num_experts: Number of experts, >= 1.
+        top_k: None for soft gating over all experts, or the number of experts each
+            token is sent to, 1 <= top_k <= num_experts.
+        gate: `"softmax"` (`SoftmaxGate`: Eigen's gating network with
+            `gate_hidden_units`, top-k if `top_k` is set), `"noisy_top_k"`
+            (`NoisyTopKGate`, Shazeer's; needs `top_k`) or a gate layer instance
+            returning the gate-output dict of `keras_moe.layers.gates`.
+        gate_hidden_units: Hidden width of the softmax gate (None: a linear gate).
+        expert_hidden_units: None for single-layer experts, or the hidden width of
+            two-layer feed-forward experts.
+        activation: Activation of each expert's output (Eigen: "relu").
+        expert_hidden_activation: Activation of the experts' hidden layer.
+        use_bias: Whether experts have biases.
+        dispatch: `"sparse"` (dropless, computes only the chosen experts; TensorFlow),
+            `"capacity"` (static shapes for XLA/TPU, drops overflow), `"dense"` (every
+            expert on every token) or None: sparse for top-k on TensorFlow, capacity for
+            top-k elsewhere, dense for soft gating. Sparse and capacity need `top_k`.
+        capacity_factor: Capacity mode's slack, > 0: each expert has
+            `ceil(capacity_factor * top_k * tokens / num_experts)` slots.
+        balance_loss: None, a regularizer (instance, registered name or config) from
+            `keras_moe.regularizers`, or a list of them; their coefficients live in
+            the regularizer objects.
+        assignment_margin: None, or Eigen's margin `m >= 0` (soft gating only).
+        return_gates: If True, `call` returns `(outputs, gates)` with gates of shape
+            `inputs.shape[:-1] + (num_experts,)`.
+        kernel_initializer: Initializer of the expert kernels.
+        bias_initializer: Initializer of the expert biases.
+        **kwargs: Base layer arguments.
+
+    Example:
+
+    >>> layer = MoEDense(64, num_experts=8, top_k=2, gate="noisy_top_k",
+    ...                  expert_hidden_units=128,
+    ...                  balance_loss=["importance", "load"])
+    >>> layer(np.random.rand(32, 16).astype("float32")).shape
+    (32, 64)
+
+    References:
+        Eigen, Ranzato & Sutskever, "Learning Factored Representations in a Deep
+        Mixture of Experts", ICLR workshop 2014.
+        Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated
+        Mixture-of-Experts Layer", ICLR 2017.
+    """
+
+    def __init__(
+        self,
+        units,
+        num_experts,
+        top_k=None,
+        gate="softmax",
+        gate_hidden_units=None,
+        expert_hidden_units=None,
+        activation=None,
+        expert_hidden_activation="relu",
+        use_bias=True,
+        dispatch=None,
+        capacity_factor=1.25,
+        balance_loss=None,
+        assignment_margin=None,
+        return_gates=False,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.units = validation.positive_int("units", units)
+        self.num_experts = validation.positive_int("num_experts", num_experts)
+        self.top_k = validation.top_k(top_k, self.num_experts)
+        self.gate_hidden_units = validation.positive_int(
+            "gate_hidden_units", gate_hidden_units, allow_none=True
+        )
+        self.expert_hidden_units = validation.positive_int(
+            "expert_hidden_units", expert_hidden_units, allow_none=True
+        )
+        self.activation = keras.activations.get(activation)
+        self.expert_hidden_activation = keras.activations.get(expert_hidden_activation)
+        self.use_bias = bool(use_bias)
+        self.capacity_factor = validation.positive_float("capacity_factor", capacity_factor)
+        self.assignment_margin = validation.non_negative_float(
+            "assignment_margin", assignment_margin, allow_none=True
+        )
+        self.return_gates = bool(return_gates)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+        if dispatch is None:
+            dispatch = _default_dispatch(self.top_k)
+        self.dispatch = validation.one_of("dispatch", dispatch, DISPATCH_MODES)
+        if self.dispatch != "dense" and self.top_k is None:
+            raise ValueError(
+                f"`dispatch`={self.dispatch!r} needs `top_k` (an integer with 1 <= top_k "
+                f"<= num_experts); with top_k=None every expert runs, use "
+                "dispatch='dense'."
+            )
+        if self.dispatch == "sparse" and keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "`dispatch`='sparse' needs the TensorFlow backend; on "
+                f"{keras.backend.backend()!r} use 'capacity' or 'dense'."
+            )
+        if self.assignment_margin is not None and self.top_k is not None:
+            raise ValueError(
+                "`assignment_margin` applies to soft gating (top_k=None), as in Eigen et "
+                f"al.; got top_k={self.top_k}."
+            )
+
+        self.gate = self._make_gate(gate)
+        self.balance_loss = self._make_regularizers(balance_loss)
+
+    def _make_gate(self, gate):
+        if isinstance(gate, keras.layers.Layer):
+            gate_top_k = getattr(gate, "top_k", None)
+            if gate_top_k != self.top_k:
+                raise ValueError(
+                    f"`gate` has top_k={gate_top_k} but the layer has top_k={self.top_k}; "
+                    "they must agree."
+                )
+            return gate
+        if isinstance(gate, dict):
+            return self._make_gate(keras.saving.deserialize_keras_object(gate))
+        validation.one_of("gate", gate, GATES)
+        if gate == "softmax":
+            return SoftmaxGate(
+                self.num_experts,
+                top_k=self.top_k,
+                hidden_units=self.gate_hidden_units,
+                name="gate",
+            )
+        if self.top_k is None:
+            raise ValueError(
+                "`gate`='noisy_top_k' needs `top_k`: an integer with 1 <= top_k <= "
+                f"num_experts ({self.num_experts}); got None."
+            )
+        return NoisyTopKGate(self.num_experts, top_k=self.top_k, name="gate")
+
+    @staticmethod
+    def _make_regularizers(balance_loss):
+        if balance_loss is None:
+            return []
+        if not isinstance(balance_loss, (list, tuple)):
+            balance_loss = [balance_loss]
+        resolved = []
+        for item in balance_loss:
+            try:
+                resolved.append(regularizers.get(item))
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    "`balance_loss` must be None, a regularizer from "
+                    "keras_moe.regularizers (instance, registered name or config) or a "
+                    f"list of them; got {item!r}: {error}"
+                ) from error
+        return resolved
+
+    def build(self, input_shape):
+        input_dim = validation.last_dim(self, input_shape)
+        if not self.gate.built:
+            self.gate.build((None, input_dim))
+        experts = self.num_experts
+        width = input_dim
+        if self.expert_hidden_units is not None:
+            self.hidden_kernel = self.add_weight(
+                name="hidden_kernel",
+                shape=(experts, input_dim, self.expert_hidden_units),
+                initializer=self.kernel_initializer,
+            )
+            self.hidden_bias = (
+                self.add_weight(
+                    name="hidden_bias",
+                    shape=(experts, self.expert_hidden_units),
+                    initializer=self.bias_initializer,
+                )
+                if self.use_bias
+                else None
+            )
+            width = self.expert_hidden_units
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(experts, width, self.units),
+            initializer=self.kernel_initializer,
+        )
+        self.bias = (
+            self.add_weight(
+                name="bias", shape=(experts, self.units), initializer=self.bias_initializer
+            )
+            if self.use_bias
+            else None
+        )
+        if self.assignment_margin is not None:
+            self.assignment_totals = self.add_weight(
+                name="assignment_totals",
+                shape=(experts,),
+                initializer="zeros",
+                trainable=False,
+                dtype="float32",
+                aggregation="sum",
+            )
+            self.assignment_constraint_active = self.add_weight(
+                name="assignment_constraint_active",
+                shape=(),
+                initializer="ones",
+                trainable=False,
+                dtype="float32",
+                aggregation="only_first_replica",
+            )
+        if self.dispatch == "capacity":
+            self.dropped_assignments = self.add_weight(
+                name="dropped_assignments",
+                shape=(),
+                initializer="zeros",
+                trainable=False,
+                dtype="float32",
+                aggregation="sum",
+            )
+            self.routed_assignments = self.add_weight(
+                name="routed_assignments",
+                shape=(),
+                initializer="zeros",
+                trainable=False,
+                dtype="float32",
+                aggregation="sum",
+            )
+
+    # Experts ---------------------------------------------------------------------------
+
+    def _expert(self, x, hidden_kernel, hidden_bias, kernel, bias):
+        """One expert on a (tokens, features) or a batched (experts, tokens, features) x."""
+        if hidden_kernel is not None:
+            x = ops.matmul(x, hidden_kernel)
+            if hidden_bias is not None:
+                x = x + hidden_bias
+            x = self.expert_hidden_activation(x)
+        y = ops.matmul(x, kernel)
+        if bias is not None:
+            y = y + bias
+        return self.activation(y)
+
+    def _batched_experts(self, expert_inputs):
+        """(experts, n, features) -> (experts, n, units), expert e on slice e."""
+        hidden_kernel = getattr(self, "hidden_kernel", None)
+        hidden_bias = getattr(self, "hidden_bias", None)
+        return self._expert(
+            expert_inputs,
+            hidden_kernel,
+            None if hidden_bias is None else hidden_bias[:, None, :],
+            self.kernel,
+            None if self.bias is None else self.bias[:, None, :],
+        )
+
+    def _per_expert(self, expert_inputs):
+        """List of (n_e, features) -> list of (n_e, units), one matmul per expert."""
+        count = self.num_experts
+
+        def unstack(weight):
+            return [None] * count if weight is None else ops.unstack(weight, count, axis=0)
+
+        hidden_kernels = unstack(getattr(self, "hidden_kernel", None))
+        hidden_biases = unstack(getattr(self, "hidden_bias", None))
+        kernels = unstack(self.kernel)
+        biases = unstack(self.bias)
+        return [
+            self._expert(x, hk, hb, k, b)
+            for x, hk, hb, k, b in zip(
+                expert_inputs, hidden_kernels, hidden_biases, kernels, biases
+            )
+        ]
+
+    # Eigen's assignment constraint ----------------------------------------------------
+
+    def set_assignment_constraint(self, active):
+        """Switches Eigen's running-assignment constraint on or off (phase 2: off).
+
+        Takes effect without recompiling the model: the switch is a layer variable.
+        """
+        if self.assignment_margin is None:
+            raise ValueError(
+                "This layer has no assignment constraint: build it with "
+                "`assignment_margin` set to a number >= 0."
+            )
+        self.assignment_constraint_active.assign(1.0 if active else 0.0)
+
+    def reset_assignment_totals(self):
+        """Sets every running assignment total back to zero."""
+        self.assignment_totals.assign(ops.zeros_like(self.assignment_totals))
+
+    def _constrain_assignments(self, gates):
+        margin = self.assignment_margin
+
+        def step(totals, gate):
+            over = (totals - ops.mean(totals)) > margin
+            allowed = 1.0 - ops.cast(over, "float32")
+            kept = gate * allowed
+            kept = kept / ops.maximum(ops.sum(kept), 1e-30)
+            return totals + kept, allowed
+
+        def constrained():
+            start = ops.convert_to_tensor(self.assignment_totals)
+            totals, allowed = ops.scan(step, start, ops.stop_gradient(gates))
+            self.assignment_totals.assign_add(totals - start)
+            kept = gates * allowed
+            norm = ops.sum(kept, axis=-1, keepdims=True)
+            # A row whose allowed experts all have gates that underflowed to 0 falls back
+            # to uniform weights over the allowed experts instead of dividing by zero.
+            uniform = allowed / ops.sum(allowed, axis=-1, keepdims=True)
+            return ops.where(norm > 1e-30, kept / ops.maximum(norm, 1e-30), uniform)
+
+        return ops.cond(
+            self.assignment_constraint_active > 0.5, constrained, lambda: gates
+        )
+
+    # Forward ---------------------------------------------------------------------------
+
+    def call(self, inputs, training=None):
+        input_dim = inputs.shape[-1]
+        token_axes = len(inputs.shape) - 1
+        leading_shape = tuple(ops.shape(inputs)[:-1])
+        tokens = inputs if token_axes == 1 else ops.reshape(inputs, (-1, input_dim))
+
+        gate_outputs = dict(self.gate(tokens, training=training))
+        gates = gate_outputs["gates"]
+        if training and self.assignment_margin is not None:
+            gates = self._constrain_assignments(gates)
+            gate_outputs["gates"] = gates
+        if training:
+            for regularizer in self.balance_loss:
+                self.add_loss(regularizer(gate_outputs))
+
+        if self.dispatch == "dense":
+            outputs = dispatch_lib.dense_combine(
+                self._batched_experts(ops.expand_dims(tokens, 0)), gates
+            )
+        else:
+            top_k_indices, top_k_gates = self._top_k_assignments(gate_outputs)
+            if self.dispatch == "sparse":
+                outputs = dispatch_lib.sparse_dispatch(
+                    tokens, top_k_indices, top_k_gates, self.num_experts, self._per_expert
+                )
+            else:
+                static_tokens = tokens.shape[0]
+                capacity = dispatch_lib.expert_capacity(
+                    static_tokens if static_tokens is not None else ops.shape(tokens)[0],
+                    self.top_k,
+                    self.num_experts,
+                    self.capacity_factor,
+                )
+                outputs, dropped = dispatch_lib.capacity_dispatch(
+                    tokens,
+                    top_k_indices,
+                    top_k_gates,
+                    self.num_experts,
+                    capacity,
+                    self._batched_experts,
+                )
+                self.dropped_assignments.assign_add(ops.cast(dropped, "float32"))
+                self.routed_assignments.assign_add(
+                    ops.cast(ops.size(top_k_indices), "float32")
+                )
+
+        if token_axes > 1:
+            outputs = ops.reshape(outputs, leading_shape + (self.units,))
+            gates = ops.reshape(gates, leading_shape + (self.num_experts,))
+        if self.return_gates:
+            return outputs, gates
+        return outputs
+
+    def _top_k_assignments(self, gate_outputs):
+        missing = [k for k in ("top_k_indices", "top_k_gates") if k not in gate_outputs]
+        if missing:
+            raise ValueError(
+                f"dispatch={self.dispatch!r} needs the gate to return {missing}; "
+                f"{type(self.gate).__name__} did not. Use a top-k gate or dispatch='dense'."
+            )
+        return gate_outputs["top_k_indices"], gate_outputs["top_k_gates"]
+
+    @property
+    def dropped_fraction(self):
+        """Fraction of token-assignments dropped by capacity dispatch since the last reset."""
+        if self.dispatch != "capacity":
+            return 0.0
+        routed = float(ops.convert_to_numpy(self.routed_assignments))
+        dropped = float(ops.convert_to_numpy(self.dropped_assignments))
+        return dropped / routed if routed else 0.0
+
+    def reset_drop_counters(self):
+        """Zeroes the capacity-mode counters of dropped and routed assignments."""
+        if self.dispatch == "capacity":
+            self.dropped_assignments.assign(0.0)
+            self.routed_assignments.assign(0.0)
+
+    def compute_output_shape(self, input_shape):
+        output_shape = tuple(input_shape[:-1]) + (self.units,)
+        if self.return_gates:
+            return output_shape, tuple(input_shape[:-1]) + (self.num_experts,)
+        return output_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "units": self.units,
+                "num_experts": self.num_experts,
+                "top_k": self.top_k,
+                "gate": keras.saving.serialize_keras_object(self.gate),
+                "gate_hidden_units": self.gate_hidden_units,
+                "expert_hidden_units": self.expert_hidden_units,
+                "activation": keras.activations.serialize(self.activation),
+                "expert_hidden_activation": keras.activations.serialize(
+                    self.expert_hidden_activation
+                ),
+                "use_bias": self.use_bias,
+                "dispatch": self.dispatch,
+                "capacity_factor": self.capacity_factor,
+                "balance_loss": [regularizers.serialize(r) for r in self.balance_loss],
+                "assignment_margin": self.assignment_margin,
+                "return_gates": self.return_gates,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config
