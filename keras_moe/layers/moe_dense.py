@@ -7,6 +7,7 @@ from keras_moe import regularizers
 from keras_moe.layers import dispatch as dispatch_lib
 from keras_moe.layers import validation
 from keras_moe.layers.gates import NoisyTopKGate, SoftmaxGate
+from keras_moe.layers.replica_losses import ReplicaLocalLossesMixin
 
 GATES = ("softmax", "noisy_top_k")
 DISPATCH_MODES = ("sparse", "capacity", "dense")
@@ -19,7 +20,7 @@ def _default_dispatch(top_k):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class MoEDense(keras.layers.Layer):
+class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
     """A mixture of `num_experts` dense experts behind a gating network.
 
     Each expert is `activation(x W_e + b_e)` (Eigen et al.'s experts), or with

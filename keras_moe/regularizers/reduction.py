@@ -28,14 +28,37 @@ def num_replicas_in_sync():
     return 1 if context is None else context.num_replicas_in_sync
 
 
+def _sum_local_replicas(strategy, per_replica):
+    return ops.sum(ops.stack(strategy.experimental_local_results(per_replica)), axis=0)
+
+
 def cross_replica_sum(value):
-    """Sums `value` over the replicas of the current strategy; identity outside one."""
+    """Sums `value` over the replicas of the current strategy; identity outside one.
+
+    Returns the global sum. Two choices keep this safe inside a model's forward pass:
+
+    - On one worker (MirroredStrategy) the replicas' values are added in a merge call
+      with plain ops, not with collective all-reduces: TensorFlow's collectives abort
+      with "Shape mismatch in the collective instance" when several of them run in the
+      forward pass beside Keras's gradient all-reduce. Across workers the strategy's
+      all-reduce is used.
+    - The gradient needs no collective in the backward pass: each replica's gradient is
+      `num_replicas` times the local derivative, so that after the usual division of
+      each replica's loss by the replica count (`model.fit` does it for added losses)
+      and the sum of replica gradients, the update equals the single-device one.
+    """
     context = _replica_context()
     if context is None:
         return value
     import tensorflow as tf
 
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+    local = ops.stop_gradient(value)
+    if context.strategy.extended._in_multi_worker_mode():
+        total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
+    else:
+        total = context.merge_call(_sum_local_replicas, args=(local,))
+    replicas = ops.cast(context.num_replicas_in_sync, value.dtype)
+    return ops.stop_gradient(total) + replicas * (value - local)
 
 
 def batch_sum(values):

@@ -1,0 +1,132 @@
+"""Speed of MoEDense's dispatch modes against the dense floor, measured side by side.
+
+For each number of experts, a top-2 MoEDense with feed-forward experts (d -> hidden -> d)
+runs forward and a training step (gradients of every weight) under `tf.function`, once per
+dispatch mode. The floor is one dense two-layer feed-forward network of the same sizes
+over the same k * tokens token-assignments: the least work any top-k MoE layer can do.
+Timings are medians over interleaved repetitions (every candidate is timed once per round)
+so that load on this shared machine hits all candidates alike; read the ratios, not the
+absolute times.
+
+    python benchmarks/moe_dense.py                 # the issue's sizes
+    python benchmarks/moe_dense.py --experts 4 64 --reps 5
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_moe.layers import MoEDense  # noqa: E402
+
+
+def make_moe(num_experts, args, dispatch):
+    layer = MoEDense(
+        args.dim, num_experts=num_experts, top_k=args.k, gate="noisy_top_k",
+        expert_hidden_units=args.hidden, dispatch=dispatch, capacity_factor=1.25,
+    )
+    layer.build((None, args.dim))
+    # A trained router spreads tokens; W_g = 0 (the paper's init) would tie every logit.
+    layer.gate.kernel.assign(
+        np.random.default_rng(0).normal(0, 0.1, layer.gate.kernel.shape).astype("float32")
+    )
+    return layer
+
+
+def make_floor(args):
+    return keras.Sequential(
+        [keras.Input((args.dim,)), keras.layers.Dense(args.hidden, activation="relu"),
+         keras.layers.Dense(args.dim)]
+    )
+
+
+def compiled_steps(layer, inputs):
+    @tf.function(jit_compile=False)
+    def forward():
+        return layer(inputs, training=False)
+
+    @tf.function(jit_compile=False)
+    def train_step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(layer(inputs, training=True)))
+        return tape.gradient(loss, layer.trainable_weights)
+
+    return forward, train_step
+
+
+def median_times(candidates, reps):
+    for fn in candidates.values():  # trace and warm up
+        fn()
+        fn()
+    samples = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            result = fn()
+            tf.nest.map_structure(lambda t: t.numpy(), result)
+            samples[name].append(time.perf_counter() - start)
+    return {name: float(np.median(times)) for name, times in samples.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--modes", nargs="+", default=["sparse", "capacity", "dense"])
+    args = parser.parse_args()
+
+    tf.random.set_seed(0)
+    inputs = tf.random.normal((args.tokens, args.dim))
+    floor_inputs = tf.random.normal((args.k * args.tokens, args.dim))
+    floor_forward, floor_train = compiled_steps(make_floor(args), floor_inputs)
+
+    candidates = {("floor", 0, "forward"): floor_forward, ("floor", 0, "train"): floor_train}
+    for num_experts in args.experts:
+        for mode in args.modes:
+            forward, train = compiled_steps(make_moe(num_experts, args, mode), inputs)
+            candidates[(mode, num_experts, "forward")] = forward
+            candidates[(mode, num_experts, "train")] = train
+    times = median_times(candidates, args.reps)
+
+    floor_f, floor_t = times[("floor", 0, "forward")], times[("floor", 0, "train")]
+    print(
+        f"tokens {args.tokens}, d {args.dim}, expert hidden {args.hidden}, k {args.k}; "
+        f"floor = dense FFN over {args.k * args.tokens} assignments: "
+        f"forward {floor_f * 1e3:.1f} ms, train step {floor_t * 1e3:.1f} ms "
+        f"(median of {args.reps}, TensorFlow {tf.__version__}, {os.cpu_count()} CPUs)"
+    )
+    print()
+    print("| experts | dispatch | forward ms | forward / floor | train step ms | train / floor |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for num_experts in args.experts:
+        for mode in args.modes:
+            f = times[(mode, num_experts, "forward")]
+            t = times[(mode, num_experts, "train")]
+            print(
+                f"| {num_experts} | {mode} | {f * 1e3:.1f} | {f / floor_f:.2f} | "
+                f"{t * 1e3:.1f} | {t / floor_t:.2f} |"
+            )
+    if "sparse" in args.modes and len(args.experts) > 1:
+        lo, hi = min(args.experts), max(args.experts)
+        fwd_scale = times[("sparse", hi, "forward")] / times[("sparse", lo, "forward")]
+        train_scale = times[("sparse", hi, "train")] / times[("sparse", lo, "train")]
+        print()
+        print(f"sparse {hi} experts / sparse {lo} experts: forward {fwd_scale:.2f}, "
+              f"train step {train_scale:.2f} (target <= 1.5)")
+        print(f"sparse forward at {hi} experts / floor: "
+              f"{times[('sparse', hi, 'forward')] / floor_f:.2f} (target <= 1.3)")
+        print(f"sparse train step at {hi} experts / floor train step: "
+              f"{times[('sparse', hi, 'train')] / floor_t:.2f} (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
