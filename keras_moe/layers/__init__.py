@@ -4,9 +4,11 @@
   dict they return.
 - `moe_dense`: `MoEDense`, a dense mixture of experts.
 - `dispatch`: how tokens reach experts (sparse, capacity, dense).
+- `sparse`: `SparseDense`, a dense layer with a fixed random connectivity mask (StochasticNet).
 """
 
 from keras_moe.layers.gates import NoisyTopKGate, ReLUGate, SoftmaxGate
 from keras_moe.layers.moe_dense import MoEDense
+from keras_moe.layers.sparse import SparseDense
 
-__all__ = ["MoEDense", "NoisyTopKGate", "ReLUGate", "SoftmaxGate"]
+__all__ = ["MoEDense", "NoisyTopKGate", "ReLUGate", "SoftmaxGate", "SparseDense"]

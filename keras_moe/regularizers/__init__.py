@@ -31,12 +31,22 @@ from keras_moe.regularizers.losses import deserialize
 from keras_moe.regularizers.losses import get
 from keras_moe.regularizers.losses import serialize
 from keras_moe.regularizers.reduction import batch_mean
+from keras_moe.regularizers.tsne import ParametricTSNELoss
+from keras_moe.regularizers.tsne import conditional_affinities
+from keras_moe.regularizers.tsne import parametric_tsne_loss
+from keras_moe.regularizers.tsne import tsne_affinities
+from keras_moe.regularizers.tsne import tsne_kl
 from keras_moe.regularizers.reduction import batch_sum
 from keras_moe.regularizers.reduction import cross_replica_sum
 from keras_moe.regularizers.reduction import num_replicas_in_sync
 from keras_moe.regularizers.reduction import scale_for_replicas
 
 __all__ = [
+    "ParametricTSNELoss",
+    "conditional_affinities",
+    "parametric_tsne_loss",
+    "tsne_affinities",
+    "tsne_kl",
     "batch_entropy_loss",
     "batch_mean",
     "batch_sum",
