@@ -7,7 +7,8 @@ combine with and that the balancing regularizers of `keras_moe.regularizers` rea
 - `"logits"`: (tokens, experts) clean gate logits (before noise).
 - `"probs"`: (tokens, experts) softmax over all clean logits (router probabilities).
 - `"dispatch_mask"`: (tokens, experts) 1.0 where the token is sent to that expert.
-- `"load"`: (experts,) tokens per expert (smooth estimate for noisy top-k in training).
+- `"load"`: (experts,) tokens per expert (smooth estimate for noisy top-k in training;
+  summed over replicas in training, this replica's count otherwise).
 - `"top_k_indices"` (int32) and `"top_k_gates"`: (tokens, k), only for top-k gates; the
   sparse dispatch reads these.
 
@@ -19,7 +20,7 @@ import keras
 from keras import ops
 
 from keras_moe.regularizers import functional as reg_fn
-from keras_moe.layers import validation
+from keras_moe import validation
 
 
 def _top_k_outputs(logits, selection_logits, k):
@@ -39,8 +40,11 @@ def _top_k_outputs(logits, selection_logits, k):
     }
 
 
-def _hard_load(dispatch_mask):
-    return reg_fn.importance(ops.stop_gradient(dispatch_mask))
+def _hard_load(dispatch_mask, training):
+    """Tokens per expert. Global over replicas in training, where the balancing losses
+    read it; a local count otherwise, which spares inference a cross-replica sync."""
+    counts = ops.stop_gradient(dispatch_mask)
+    return reg_fn.importance(counts) if training else ops.sum(counts, axis=0)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -144,7 +148,7 @@ class SoftmaxGate(keras.layers.Layer):
             outputs = _top_k_outputs(logits, logits, self.top_k)
         outputs["logits"] = logits
         outputs["probs"] = probs
-        outputs["load"] = _hard_load(outputs["dispatch_mask"])
+        outputs["load"] = _hard_load(outputs["dispatch_mask"], training)
         return outputs
 
     def get_config(self):
@@ -253,7 +257,7 @@ class NoisyTopKGate(keras.layers.Layer):
                 clean_logits, noisy_logits, noise_stddev, self.top_k
             )
         else:
-            outputs["load"] = _hard_load(outputs["dispatch_mask"])
+            outputs["load"] = _hard_load(outputs["dispatch_mask"], training)
         outputs["logits"] = clean_logits
         outputs["probs"] = ops.softmax(clean_logits, axis=-1)
         return outputs

@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_moe import regularizers
 from keras_moe.layers import dispatch as dispatch_lib
-from keras_moe.layers import validation
+from keras_moe import validation
 from keras_moe.layers.gates import NoisyTopKGate, SoftmaxGate
 from keras_moe.layers.replica_losses import ReplicaLocalLossesMixin
 

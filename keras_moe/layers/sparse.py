@@ -1,28 +1,13 @@
 """Sparsely connected layers: dense layers with a fixed binary connectivity mask."""
 
-import math
-import numbers
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_moe.layers import validation
+from keras_moe import validation
 
 __all__ = ["SparseDense"]
-
-
-def _check_density(density):
-    if (
-        isinstance(density, bool)
-        or not isinstance(density, numbers.Real)
-        or not math.isfinite(density)
-        or not 0 < density <= 1
-    ):
-        raise ValueError(
-            f"`density` must be a number with 0 < density <= 1, got {density!r}."
-        )
-    return float(density)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -74,16 +59,14 @@ class SparseDense(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.units = validation.positive_int("units", units)
-        self.density = _check_density(density)
+        self.density = validation.number(
+            "density", density, minimum=0, maximum=1, exclusive_minimum=True
+        )
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
-        ):
-            raise ValueError(f"`seed` must be None or an integer >= 0, got {seed!r}.")
-        self.seed = None if seed is None else int(seed)
+        self.seed = validation.integer("seed", seed, minimum=0, allow_none=True)
 
     def build(self, input_shape):
         input_dim = validation.last_dim(self, input_shape)

@@ -19,10 +19,10 @@ Sources:
 """
 
 import math
-import numbers
 
 from keras import ops
 
+from keras_moe import validation
 from keras_moe.regularizers.reduction import batch_mean
 from keras_moe.regularizers.reduction import batch_sum
 
@@ -137,8 +137,7 @@ def importance_cv_squared(gates):
 
 
 def _check_k(k, num_experts):
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
+    validation.integer("`k`", k, minimum=1)
     if num_experts is not None and k >= num_experts:
         raise ValueError(
             f"`k` must be smaller than the number of experts ({num_experts}) so that the "

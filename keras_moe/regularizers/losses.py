@@ -17,11 +17,9 @@ divided by the replica count: `model.fit` already scales every `add_loss` term b
 term needs. In a custom training loop, wrap the value in `scale_for_replicas`.
 """
 
-import math
-import numbers
-
 import keras
 
+from keras_moe import validation
 from keras_moe.regularizers import functional
 
 __all__ = [
@@ -47,18 +45,6 @@ KEY_PROVIDERS = {
     "load": "top-k routing gates (noisy top-k: smooth estimate in training; top-k and "
     "Switch: hard counts)",
 }
-
-
-def _check_weight(name, value):
-    """Returns `value` as a float; raises unless it is a finite number >= 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -127,7 +113,7 @@ class _CoefficientRegularizer(GateRegularizer):
     """A single unweighted term from `functional`, times `coefficient`."""
 
     def __init__(self, coefficient):
-        self.coefficient = _check_weight("coefficient", coefficient)
+        self.coefficient = validation.non_negative_float("coefficient", coefficient)
 
     def term(self, gate_outputs):
         raise NotImplementedError
@@ -145,8 +131,8 @@ class _AlphaBetaRegularizer(GateRegularizer):
     required_keys = ("gates",)
 
     def __init__(self, alpha, beta):
-        self.alpha = _check_weight("alpha", alpha)
-        self.beta = _check_weight("beta", beta)
+        self.alpha = validation.non_negative_float("alpha", alpha)
+        self.beta = validation.non_negative_float("beta", beta)
 
     def batch_term(self, gates):
         raise NotImplementedError

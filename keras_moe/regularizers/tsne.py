@@ -20,10 +20,11 @@ Reference:
 """
 
 import math
-import numbers
 
 import keras
 from keras import ops
+
+from keras_moe import validation
 
 __all__ = [
     "conditional_affinities",
@@ -40,29 +41,16 @@ _SUM_EPSILON = 1e-30
 
 
 def _check_perplexity(perplexity, n=None):
-    if (
-        isinstance(perplexity, bool)
-        or not isinstance(perplexity, numbers.Real)
-        or not math.isfinite(perplexity)
-        or perplexity <= 1
-    ):
-        raise ValueError(f"`perplexity` must be a finite number > 1, got {perplexity!r}.")
+    perplexity = validation.number("perplexity", perplexity, minimum=1, exclusive_minimum=True)
     if n is not None and perplexity >= n:
         raise ValueError(
-            f"`perplexity` must be smaller than the batch size ({n}), got {perplexity!r}."
+            f"perplexity must be smaller than the batch size ({n}), got {perplexity!r}"
         )
-    return float(perplexity)
+    return perplexity
 
 
 def _check_dof(dof):
-    if (
-        isinstance(dof, bool)
-        or not isinstance(dof, numbers.Real)
-        or not math.isfinite(dof)
-        or dof <= 0
-    ):
-        raise ValueError(f"`dof` must be a finite number > 0, got {dof!r}.")
-    return float(dof)
+    return validation.number("dof", dof, minimum=0, exclusive_minimum=True)
 
 
 def _squared_distances(x):
@@ -110,8 +98,7 @@ def conditional_affinities(x, perplexity=30.0, tol=1e-5, max_iter=64):
     """
     n = x.shape[0]
     perplexity = _check_perplexity(perplexity, n)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"`max_iter` must be an integer >= 1, got {max_iter!r}.")
+    max_iter = validation.integer("max_iter", max_iter, minimum=1)
     x = ops.stop_gradient(ops.cast(x, "float32"))
     d = _squared_distances(x)
     size = ops.shape(d)[0]
@@ -259,14 +246,7 @@ class ParametricTSNELoss:
     def __init__(self, perplexity=30.0, dof=1.0, weight=1.0):
         self.perplexity = _check_perplexity(perplexity)
         self.dof = _check_dof(dof)
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, numbers.Real)
-            or not math.isfinite(weight)
-            or weight < 0
-        ):
-            raise ValueError(f"`weight` must be a finite number >= 0, got {weight!r}.")
-        self.weight = float(weight)
+        self.weight = validation.non_negative_float("weight", weight)
 
     def __call__(self, x, y):
         return self.weight * parametric_tsne_loss(x, y, self.perplexity, self.dof)
