@@ -7,6 +7,6 @@ callbacks), `analysis` (activation rates, FLOPs, plots).
 
 __version__ = "0.1.0"
 
-from keras_moe import layers, regularizers  # noqa: E402
+from keras_moe import layers, regularizers, zoo  # noqa: E402
 
-__all__ = ["layers", "regularizers", "__version__"]
+__all__ = ["layers", "regularizers", "zoo", "__version__"]
