@@ -1,0 +1,1 @@
+"""Analysis of trained MoE models: expert activation rates, gating heatmaps, FLOPs."""

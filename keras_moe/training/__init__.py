@@ -1,0 +1,1 @@
+"""Training procedures of the papers (phases) and callbacks for monitoring MoE models."""
