@@ -1,8 +1,8 @@
 """Speed of MoEDense's dispatch modes against the dense floor, measured side by side.
 
 For each number of experts, a top-2 MoEDense with feed-forward experts (d -> hidden -> d)
-runs forward and a training step (gradients of every weight) under `tf.function`, once per
-dispatch mode. The floor is one dense two-layer feed-forward network of the same sizes
+runs forward and a training step (loss and gradients of every weight) under
+`tf.function`, once per dispatch mode. The floor is one dense two-layer feed-forward network of the same sizes
 over the same k * tokens token-assignments: the least work any top-k MoE layer can do.
 Timings are medians over interleaved repetitions (every candidate is timed once per round)
 so that load on this shared machine hits all candidates alike; read the ratios, not the
@@ -46,15 +46,24 @@ def make_floor(args):
 
 
 def compiled_steps(layer, inputs):
+    """A forward pass, and a training step: loss and the gradient of every weight.
+
+    Both return a scalar computed in the graph from everything they produce (the outputs;
+    every gradient, read whole), so timing never includes copying tensors to the host and
+    nothing can be pruned. The optimizer update is left out: its cost scales with the
+    parameter count, which is the point of a MoE, not a cost of its dispatch.
+    """
+
     @tf.function(jit_compile=False)
     def forward():
-        return layer(inputs, training=False)
+        return tf.reduce_sum(layer(inputs, training=False))
 
     @tf.function(jit_compile=False)
     def train_step():
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(layer(inputs, training=True)))
-        return tape.gradient(loss, layer.trainable_weights)
+        grads = tape.gradient(loss, layer.trainable_weights)
+        return tf.add_n([tf.reduce_sum(g) for g in grads])
 
     return forward, train_step
 
@@ -67,8 +76,7 @@ def median_times(candidates, reps):
     for _ in range(reps):
         for name, fn in candidates.items():
             start = time.perf_counter()
-            result = fn()
-            tf.nest.map_structure(lambda t: t.numpy(), result)
+            fn().numpy()
             samples[name].append(time.perf_counter() - start)
     return {name: float(np.median(times)) for name, times in samples.items()}
 
