@@ -1,7 +1,7 @@
 """The `keras-moe` command line.
 
-Today it reports the installation (`keras-moe info`); training, evaluation, export,
-tuning and benchmarks arrive as subcommands with the zoo.
+`keras-moe info` reports the installation, `keras-moe list` the zoo models; training,
+evaluation, export, tuning and benchmarks arrive as further subcommands.
 """
 
 import argparse
@@ -29,6 +29,19 @@ def _info(_args):
     return 0
 
 
+def _list(args):
+    from keras_moe import zoo
+
+    names = zoo.list_models(args.pattern)
+    if not names:
+        print("no zoo models" + (f" matching {args.pattern!r}" if args.pattern else ""))
+        return 1
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {zoo.describe(name)}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-moe", description="Mixture-of-experts models for Keras."
@@ -37,6 +50,9 @@ def build_parser():
     commands = parser.add_subparsers(dest="command")
     info = commands.add_parser("info", help="versions, devices and where the default data is")
     info.set_defaults(handler=_info)
+    listing = commands.add_parser("list", help="zoo models, one line each")
+    listing.add_argument("pattern", nargs="?", default=None, help="only names containing this")
+    listing.set_defaults(handler=_list)
     return parser
 
 

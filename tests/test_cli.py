@@ -20,3 +20,22 @@ def test_no_command_prints_help_and_fails():
     result = subprocess.run([sys.executable, "-m", "keras_moe.cli"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "usage: keras-moe" in result.stdout
+
+
+def test_list_prints_every_registered_model_with_its_description(monkeypatch, capsys):
+    from keras_moe.zoo import registry
+
+    def alpha_moe():
+        """Alpha model."""
+
+    def beta_net():
+        """Beta model."""
+
+    monkeypatch.setattr(registry, "_BUILDERS", {"alpha_moe": alpha_moe, "beta_net": beta_net})
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["alpha_moe", "beta_net"]
+    assert lines[0].endswith("Alpha model.")
+    assert cli.main(["list", "moe"]) == 0
+    assert capsys.readouterr().out.split() == ["alpha_moe", "Alpha", "model."]
+    assert cli.main(["list", "zzz"]) == 1
