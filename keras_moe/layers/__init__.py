@@ -4,11 +4,21 @@
   dict they return.
 - `moe_dense`: `MoEDense`, a dense mixture of experts.
 - `dispatch`: how tokens reach experts (sparse, capacity, dense).
+- `gated_conv`: `GatedConv2D` (DeepMoE's channel-gated convolution) and `ShallowEmbedding`.
 - `sparse`: `SparseDense`, a dense layer with a fixed random connectivity mask (StochasticNet).
 """
 
+from keras_moe.layers.gated_conv import GatedConv2D, ShallowEmbedding
 from keras_moe.layers.gates import NoisyTopKGate, ReLUGate, SoftmaxGate
 from keras_moe.layers.moe_dense import MoEDense
 from keras_moe.layers.sparse import SparseDense
 
-__all__ = ["MoEDense", "NoisyTopKGate", "ReLUGate", "SoftmaxGate", "SparseDense"]
+__all__ = [
+    "GatedConv2D",
+    "MoEDense",
+    "NoisyTopKGate",
+    "ReLUGate",
+    "ShallowEmbedding",
+    "SoftmaxGate",
+    "SparseDense",
+]

@@ -1,16 +1,17 @@
 """Model zoo: one builder per model of the papers, and the registry that lists them.
 
 Modules, one per paper family; each registers its builders on import:
-(none yet: later work adds e.g. `eigen.py`, `two_domain.py`, `shazeer.py`, `deepmoe.py`,
-`tsne_moe.py`).
+
+- `deepmoe`: DeepMoE ResNets and VGG-16 (Wang et al.) and their plain baselines.
 
 Example:
 
 >>> from keras_moe import zoo
 >>> zoo.list_models()
->>> model = zoo.get_model("some_model", num_classes=10)
+>>> model = zoo.get_model("deepmoe_resnet56", num_classes=10)
 """
 
+from keras_moe.zoo import deepmoe  # noqa: F401  (registers its builders)
 from keras_moe.zoo.registry import describe, get_builder, get_model, list_models, register_model
 
 __all__ = ["describe", "get_builder", "get_model", "list_models", "register_model"]
