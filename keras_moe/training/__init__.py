@@ -1,1 +1,19 @@
 """Training procedures of the papers (phases) and callbacks for monitoring MoE models."""
+
+from keras_moe.training.phases import (
+    LiftAssignmentConstraint,
+    TwoPhaseHistory,
+    constrained_moe_layers,
+    reset_assignment_totals,
+    set_assignment_constraints,
+    train_eigen_two_phase,
+)
+
+__all__ = [
+    "LiftAssignmentConstraint",
+    "TwoPhaseHistory",
+    "constrained_moe_layers",
+    "reset_assignment_totals",
+    "set_assignment_constraints",
+    "train_eigen_two_phase",
+]
