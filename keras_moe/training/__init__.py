@@ -1,5 +1,10 @@
 """Training procedures of the papers (phases) and callbacks for monitoring MoE models."""
 
+from keras_moe.training.callbacks import (
+    ExpertCollapseWarning,
+    ExpertUtilizationMonitor,
+    gate_statistics,
+)
 from keras_moe.training.phases import (
     LiftAssignmentConstraint,
     TwoPhaseHistory,
@@ -10,6 +15,9 @@ from keras_moe.training.phases import (
 )
 
 __all__ = [
+    "ExpertCollapseWarning",
+    "ExpertUtilizationMonitor",
+    "gate_statistics",
     "LiftAssignmentConstraint",
     "TwoPhaseHistory",
     "constrained_moe_layers",
