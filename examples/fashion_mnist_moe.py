@@ -95,7 +95,7 @@ def main():
         rates = routed[y_test == c].mean(0)
         print(f"{name:<10} " + " ".join(f"{r:5.2f}" for r in rates))
     print(f"{'all':<10} " + " ".join(f"{r:5.2f}" for r in routed.mean(0)))
-    print(f"share of assignments: " + " ".join(f"{s:.3f}" for s in share))
+    print("share of assignments: " + " ".join(f"{s:.3f}" for s in share))
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "model.keras")

@@ -1,8 +1,5 @@
 """MoEDense: numerics against numpy, dispatch equivalence, constraint, serialization, errors."""
 
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -10,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from keras_moe import regularizers
-from keras_moe.layers import MoEDense, NoisyTopKGate, SoftmaxGate
+from keras_moe.layers import MoEDense, NoisyTopKGate
 
 
 def _relu(x):

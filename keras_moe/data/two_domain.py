@@ -208,7 +208,7 @@ def load_two_domain(
             missing.append(str(e).splitlines()[0])
             if stand_in == "sklearn_digits":
                 parts.append(sklearn_digits(split))
-                descs.append(f"stand-in for mnist: sklearn_digits (sklearn.datasets.load_digits, 8x8 upsampled)")
+                descs.append("stand-in for mnist: sklearn_digits (sklearn.datasets.load_digits, 8x8 upsampled)")
             else:
                 x, y, where = _sources.load_numpy("fashion_mnist", split, data_dir, "auto", download=False,
                                                   return_source=True)
