@@ -27,3 +27,16 @@ def test_register_list_get_and_suggest(monkeypatch):
             pass
         other.__name__ = "tiny_moe"
         registry.register_model(other)
+
+
+def test_every_registered_builder_is_a_zoo_attribute():
+    from keras_moe import zoo
+
+    names = zoo.list_models()
+    assert {"deepmoe_resnet56", "dmoe_mnist", "two_domain_moe", "sparse_moe_classifier",
+            "tsne_moe"} <= set(names)
+    for name in names:
+        assert getattr(zoo, name) is registry.get_builder(name)
+        assert name in dir(zoo)
+    with pytest.raises(AttributeError, match="no_such_model"):
+        zoo.no_such_model
