@@ -2,7 +2,8 @@
 
 Subpackages: `layers` (MoE layers and gates), `regularizers` (balancing losses), `data`
 (datasets), `zoo` (model builders and their registry), `training` (procedures and
-callbacks), `analysis` (activation rates, FLOPs, plots).
+callbacks), `analysis` (activation rates, FLOPs, plots), `inference` (DeepMoE serving
+that skips closed channels).
 """
 
 __version__ = "0.1.0"

@@ -60,7 +60,8 @@ Design decisions (DESIGN.md, "DeepMoE (004)") and choices where the paper is sil
 
 Not here (later work): the second training phase (set `model.gate_l1 = 0` and
 `model.embedding_loss_weight = 0`, freeze `model.network`'s embedding and gate layers),
-FLOPs counting, the skip-channel inference path, bottleneck-B (Fig. 2c).
+FLOPs counting, bottleneck-B (Fig. 2c). The skip-channel inference path is
+`keras_moe.inference.SkipChannelRunner`.
 """
 
 import threading

@@ -1,0 +1,526 @@
+"""DeepMoE inference that skips closed channels (Wang et al., UAI 2019, sections 3.2-3.4).
+
+In a DeepMoE every gate is a function of the shallow embedding alone (`G^l(e)`, eq. 6),
+so all gates are known before the base network runs. A gated convolution therefore
+needs only the input channels its gates leave open (eq. 3-5: a closed channel's expert
+contributes nothing), and when its output reaches the next gated convolution only
+through per-channel layers (batch norm, ReLU), only the output channels that the next
+gate leaves open. `SkipChannelRunner` runs a DeepMoE that way, in one `tf.function`:
+
+1. it runs the embedding and every gate head first (the heads that read the same tensor
+   as one matrix product) and turns the gates into index vectors of open channels;
+2. for every gated convolution it gathers the kernel slice `[kh, kw, active_in,
+   active_out]` (`active_in`: this convolution's open gates; `active_out`: the next
+   gated convolution's open gates when this convolution feeds only it through a batch
+   norm and per-channel layers, otherwise all output channels) and the matching bias
+   slice (the batch norm after it, folded in);
+3. it runs the base network on the reduced channels, scaling the inputs by the open gate
+   values;
+4. its logits equal the masked computation `model(x)` (every channel computed, closed
+   ones multiplied by 0) up to float rounding.
+
+The convolution cost then scales with `active_in * active_out`, the saved compute that
+DESIGN.md ("DeepMoE (004)") counts.
+
+Choices:
+
+- Graph walk, not a re-implementation: the runner walks the functional graph of
+  `model.network` (the depth-ordered node list Keras' own functional call uses) and
+  finds the reducible chains by pattern: a `GatedConv2D` or plain `Conv2D` whose output
+  passes, each tensor with exactly one consumer, through a batch norm (folded into the
+  convolution) and parameter-free per-channel layers (`ReLU`, element-wise `Activation`,
+  `Dropout`, `MaxPooling2D` / `AveragePooling2D`) into the feature input of one
+  `GatedConv2D`. Every other node (the embedding, shortcuts, additions, the classifier,
+  any layer it does not know) runs as in the model on all channels. So the same code
+  serves the CIFAR and ImageNet ResNets (basic and bottleneck blocks) and VGG-16 of
+  `keras_moe.zoo.deepmoe`; a layer it does not know costs savings, never correctness.
+  Tensors that feed the residual stream (a block's last convolution) keep all channels,
+  as the residual addition needs them.
+- Batches: a gate's open set is the union over the batch of the channels open for any
+  example, and each example's inputs are scaled by its own gates, so every batch size is
+  exact; the savings are largest at batch size 1, the serving case.
+- One trace: the channel counts are dynamic dimensions (`tf.gather` of kernels with
+  run-time indices), so new images never retrace. The open sets of all the heads of a
+  group come from one `tf.where` and one `tf.split`, not one per layer: at batch 1 on a
+  CPU the cost of a CIFAR ResNet is dominated by per-op overhead, so op count matters as
+  much as multiply-adds.
+- Weights are snapshotted as constants when the runner is built, with every batch norm
+  that alone reads a linear convolution folded into it (the usual inference
+  transformation, also applied to the ungated stem and shortcut convolutions). Build a
+  new runner after changing the model's weights.
+- A convolution reading an unreduced tensor (the residual stream) selects and scales its
+  open input channels with one batched matrix product by a 0/1 selection matrix times
+  the gates (`skip_stream_inputs=True`, the default): `tf.gather` along the channel axis
+  is several times slower on CPU. With `skip_stream_inputs=False` it reads every stream
+  channel (closed ones multiplied by 0): no selection, no input saving for those
+  convolutions; the output saving stays. `benchmarks/deepmoe.py` times both.
+- A layer whose gates are all closed keeps one channel (index 0, gate value 0): its
+  contribution is an exact zero, and no convolution ever has zero input channels (which
+  TensorFlow rejects).
+- Inference only: batch norms use their moving statistics (`training=False`).
+- A model without gates runs through the same executor with its batch norms folded, the
+  like-for-like baseline for timings.
+
+Example:
+
+>>> model = keras_moe.zoo.deepmoe_resnet56(wide=True)
+>>> runner = SkipChannelRunner(model)
+>>> logits = runner(images)            # == model(images), closed channels skipped
+>>> runner.reduced_layers              # convolutions whose output channels are sliced
+
+Reference:
+    Wang et al., "Deep Mixture of Experts via Shallow Embedding", UAI 2019, sec. 3.2-3.4.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_moe.layers.gated_conv import GatedConv2D
+from keras_moe.layers.gates import ReLUGate
+
+_ELEMENTWISE_ACTIVATIONS = frozenset(
+    {
+        "linear", "relu", "relu6", "elu", "selu", "gelu", "sigmoid", "tanh", "silu",
+        "swish", "leaky_relu", "softplus", "softsign", "hard_sigmoid", "hard_silu",
+        "hard_swish", "mish", "exponential",
+    }
+)
+
+
+def _numpy(weight):
+    return np.asarray(keras.ops.convert_to_numpy(weight), "float64")
+
+
+def _activation_is_elementwise(activation):
+    return getattr(activation, "__name__", None) in _ELEMENTWISE_ACTIVATIONS
+
+
+def _is_foldable_norm(op):
+    return isinstance(op, keras.layers.BatchNormalization) and op.axis in (-1, 3)
+
+
+def _is_parameter_free_channelwise(op):
+    """Whether `op` acts on each channel of a channels-last tensor alike, without weights."""
+    if isinstance(op, (keras.layers.ReLU, keras.layers.Dropout)):
+        return True
+    if isinstance(op, keras.layers.Activation):
+        return _activation_is_elementwise(op.activation)
+    if isinstance(op, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
+        return op.data_format == "channels_last"
+    return False
+
+
+def _is_convolution(op):
+    """A `GatedConv2D`, or a plain channels-last `Conv2D` (weights can be snapshotted)."""
+    if isinstance(op, GatedConv2D):
+        return True
+    return (
+        type(op) is keras.layers.Conv2D
+        and op.data_format == "channels_last"
+        and op.groups == 1
+        and _activation_is_elementwise(op.activation)
+    )
+
+
+def _single_tensor_input(node):
+    tensors = node.input_tensors
+    return tensors[0] if len(tensors) == 1 else None
+
+
+def _gated_conv_inputs(node):
+    args = node.arguments.args
+    if len(args) != 1 or not isinstance(args[0], (list, tuple)) or len(args[0]) != 2:
+        raise ValueError(
+            f"GatedConv2D '{node.operation.name}' must be called as layer([x, gates])"
+        )
+    return args[0][0], args[0][1]
+
+
+class _Conv:
+    """A convolution node with its weights snapshotted (a batch norm folded in)."""
+
+    def __init__(self, node, norm=None):
+        op = node.operation
+        self.node = node
+        self.gated = isinstance(op, GatedConv2D)
+        kernel = _numpy(op.kernel)
+        bias = _numpy(op.bias) if op.use_bias else None
+        self.activation = None
+        if not self.gated and op.activation is not keras.activations.linear:
+            self.activation = op.activation
+        if norm is not None:  # y = (z - mean) * gamma / sqrt(var + eps) + beta
+            scale = 1.0 / np.sqrt(_numpy(norm.moving_variance) + norm.epsilon)
+            if norm.scale:
+                scale = scale * _numpy(norm.gamma)
+            shift = -_numpy(norm.moving_mean) * scale
+            if norm.center:
+                shift = shift + _numpy(norm.beta)
+            kernel = kernel * scale
+            bias = shift if bias is None else bias * scale + shift
+        self.dtype = op.compute_dtype
+        self.kernel = tf.constant(kernel, self.dtype)
+        self.bias = None if bias is None else tf.constant(bias, self.dtype)
+        self.in_channels = kernel.shape[2]
+        self.strides = (1,) + tuple(op.strides) + (1,)
+        self.padding = op.padding.upper()
+        self.dilations = (1,) + tuple(op.dilation_rate) + (1,)
+        # Set by the plan: the gate tensors indexing its input and output channels, and
+        # whether its input arrives already reduced to the input gate's open channels.
+        self.in_gate = None
+        self.out_gate = None
+        self.input_reduced = False
+
+    def __call__(self, x, in_idx=None, out_idx=None, shapes=None):
+        kernel = self.kernel
+        if in_idx is not None:
+            kernel = tf.gather(kernel, in_idx, axis=2)
+        if out_idx is not None:
+            kernel = tf.gather(kernel, out_idx, axis=3)
+        if shapes is not None:
+            shapes[self.node.operation.name] = tuple(int(d) for d in kernel.shape)
+        outputs = tf.nn.conv2d(
+            tf.cast(x, self.dtype), kernel, strides=self.strides, padding=self.padding,
+            dilations=self.dilations,
+        )
+        if self.bias is not None:
+            bias = self.bias if out_idx is None else tf.gather(self.bias, out_idx)
+            outputs = tf.nn.bias_add(outputs, bias)
+        return outputs if self.activation is None else self.activation(outputs)
+
+
+class _GateGroup:
+    """`ReLUGate` heads reading one tensor: one matrix product, one open-set computation."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+        kernels = [_numpy(n.operation.kernel) for n in nodes]
+        biases = [
+            _numpy(n.operation.bias) if n.operation.use_bias else np.zeros(k.shape[1])
+            for n, k in zip(nodes, kernels)
+        ]
+        self.sizes = [k.shape[1] for k in kernels]
+        self.kernel = tf.constant(np.concatenate(kernels, axis=1), "float32")
+        self.bias = tf.constant(np.concatenate(biases), "float32")
+        self.use_bias = any(n.operation.use_bias for n in nodes)
+        segments = np.repeat(np.arange(len(nodes)), self.sizes)
+        self.segments = tf.constant(segments, "int32")
+        self.local = tf.constant(np.concatenate([np.arange(n) for n in self.sizes]), "int32")
+        self.first = tf.constant(self.local.numpy() == 0)
+
+    def __call__(self, inputs, values, open_sets):
+        logits = tf.matmul(tf.cast(inputs, "float32"), self.kernel)
+        if self.use_bias:
+            logits = logits + self.bias
+        gates = tf.nn.relu(logits)
+        # Open channels of every head at once (union over the batch; a head with none
+        # open keeps its first channel), split into one index vector per head.
+        col_max = tf.reduce_max(gates, axis=0)
+        head_open = tf.math.segment_max(col_max, self.segments) > 0
+        keep = tf.logical_or(
+            col_max > 0,
+            tf.logical_and(self.first, tf.logical_not(tf.gather(head_open, self.segments))),
+        )
+        counts = tf.math.segment_sum(tf.cast(keep, "int32"), self.segments)
+        local = tf.gather(self.local, tf.where(keep)[:, 0])
+        indices = tf.split(local, counts, num=len(self.nodes))
+        pieces = zip(
+            self.nodes, tf.split(logits, self.sizes, axis=-1),
+            tf.split(gates, self.sizes, axis=-1), indices,
+        )
+        for node, logit, gate, idx in pieces:
+            out = {"gates": gate, "logits": logit, "dispatch_mask": tf.cast(gate > 0, "float32")}
+            keys = keras.tree.flatten({key: key for key in out})  # ReLUGate's output order
+            for tensor, key in zip(node.outputs, keys):
+                values[id(tensor)] = out[key]
+            open_sets[id(node.outputs[keys.index("gates")])] = idx
+
+
+class SkipChannelRunner:
+    """Runs a DeepMoE skipping the channels its gates close (DeepMoE inference).
+
+    Calling the runner on images returns the base network's logits, equal to
+    `model(images)` (the masked computation) up to float rounding, computed with every
+    gated convolution reduced to its open input channels and to the output channels the
+    next gate keeps open (see the module docstring for the procedure and the choices).
+    The weights are read (and batch norms folded into the convolutions before them) when
+    the runner is built: build a new runner after changing the model's weights.
+
+    A model without gates (e.g. `keras_moe.zoo.resnet56()`) runs through the same
+    executor with its batch norms folded: the like-for-like baseline for timings.
+
+    Args:
+        model: A `keras_moe.zoo.deepmoe.DeepMoEModel` (as built by the DeepMoE builders),
+            its `network` (a functional model with dict outputs `"logits"` and `"gates"`),
+            or any single-input functional model.
+        skip_stream_inputs: Whether a gated convolution reading an unreduced tensor (the
+            residual stream) selects its open input channels (a matrix product with a
+            0/1 selection matrix) instead of reading all of them, the closed ones
+            multiplied by 0.
+
+    Attributes:
+        network: The functional model that is run.
+        reduced_layers: Names of the convolutions whose output channels are sliced to
+            the next gate's open set, in graph order.
+        folded_norms: Names of the batch norms folded into the convolution before them.
+
+    Example:
+
+    >>> model = keras_moe.zoo.deepmoe_resnet_cifar(depth=8)
+    >>> runner = SkipChannelRunner(model)
+    >>> runner(np.zeros((1, 32, 32, 3), "float32")).shape
+    TensorShape([1, 10])
+    >>> runner.outputs(images)["gates"]   # the network's outputs, all of them
+
+    Reference:
+        Wang et al., "Deep Mixture of Experts via Shallow Embedding", UAI 2019, sec. 3.2-3.4.
+    """
+
+    def __init__(self, model, skip_stream_inputs=True):
+        network = getattr(model, "network", model)
+        nodes_by_depth = getattr(network, "_nodes_by_depth", None)
+        if (
+            not isinstance(network, keras.Model)
+            or nodes_by_depth is None
+            or len(network.inputs) != 1
+        ):
+            raise ValueError(
+                "model must be a DeepMoEModel or a single-input functional keras.Model, "
+                f"got {model!r}"
+            )
+        outputs = network.output
+        if isinstance(outputs, dict) and "logits" not in outputs:
+            raise ValueError(
+                f"a model with dict outputs must have a 'logits' output, got {list(outputs)}"
+            )
+        self.network = network
+        self.skip_stream_inputs = bool(skip_stream_inputs)
+        self._input = network.inputs[0]
+        self._plan(nodes_by_depth)
+        spec = tf.TensorSpec((None,) + tuple(self._input.shape[1:]), self._input.dtype)
+        self._forward = tf.function(
+            lambda images: self._run(images), input_signature=[spec], autograph=False
+        )
+
+    # Planning (once, on the symbolic graph) ----------------------------------------------
+
+    def _plan(self, nodes_by_depth):
+        nodes = []
+        for depth in sorted(nodes_by_depth, reverse=True):
+            nodes.extend(n for n in nodes_by_depth[depth] if n.operation and not n.is_input)
+        producer = {}
+        consumers = {}
+        for node in nodes:
+            for tensor in node.outputs:
+                producer[id(tensor)] = node
+            for tensor in node.input_tensors:
+                consumers.setdefault(id(tensor), []).append(node)
+        for tensor in keras.tree.flatten(self.network.output):
+            consumers.setdefault(id(tensor), []).append(None)  # a model output
+
+        def only_consumer(tensor):
+            users = consumers.get(id(tensor), [])
+            return users[0] if len(users) == 1 else None
+
+        def ancestors(tensor):
+            seen, stack = set(), [tensor]
+            while stack:
+                node = producer.get(id(stack.pop()))
+                if node is not None and id(node) not in seen:
+                    seen.add(id(node))
+                    stack.extend(node.input_tensors)
+            return seen
+
+        # 1. Convolutions, with the batch norm that alone reads a linear one folded in.
+        convs = {}
+        aliases = {}  # id(folded norm node) -> its convolution
+        for node in nodes:
+            op = node.operation
+            if not _is_convolution(op) or len(node.outputs) != 1:
+                continue
+            norm_node = only_consumer(node.outputs[0])
+            norm = None
+            if (
+                norm_node is not None
+                and _is_foldable_norm(norm_node.operation)
+                and (isinstance(op, GatedConv2D) or op.activation is keras.activations.linear)
+            ):
+                norm = norm_node.operation
+            convs[id(node)] = _Conv(node, norm)
+            if norm is not None:
+                aliases[id(norm_node)] = convs[id(node)]
+
+        # 2. Reducible chains: conv [-> folded norm] -> parameter-free per-channel layers
+        #    -> one gated convolution, each tensor read only by the next.
+        gate_tensors = []
+        for node in nodes:
+            if not isinstance(node.operation, GatedConv2D):
+                continue
+            x_t, gate_t = _gated_conv_inputs(node)
+            convs[id(node)].in_gate = gate_t
+            gate_tensors.append(gate_t)
+            chain, tensor, source_conv = [], x_t, None
+            while True:
+                source = producer.get(id(tensor))
+                if only_consumer(tensor) is None or source is None or len(source.outputs) != 1:
+                    break
+                chain.append(tensor)
+                if id(source) in convs:
+                    source_conv = convs[id(source)]
+                    break
+                if id(source) in aliases:
+                    chain.append(_single_tensor_input(source))
+                    if only_consumer(chain[-1]) is None:
+                        break
+                    source_conv = aliases[id(source)]
+                    break
+                if not _is_parameter_free_channelwise(source.operation):
+                    break
+                tensor = _single_tensor_input(source)
+                if tensor is None:
+                    break
+            if source_conv is None or id(source_conv.node) in ancestors(gate_t):
+                continue
+            source_conv.out_gate = gate_t
+            convs[id(node)].input_reduced = True
+
+        # 3. ReLUGate heads grouped by the tensor they read: one matrix product per group.
+        groups = {}
+        for node in nodes:
+            if type(node.operation) is ReLUGate and _single_tensor_input(node) is not None:
+                groups.setdefault(id(_single_tensor_input(node)), []).append(node)
+        self._groups = {}
+        for members in groups.values():
+            group = _GateGroup(members)
+            for i, node in enumerate(members):
+                self._groups[id(node)] = group if i == 0 else None
+
+        # Order: the gates' ancestors (the embedding and the gate heads) first, as the
+        # reductions need every gate before the base network runs; then the rest.
+        early = set()
+        for gate_t in gate_tensors:
+            early |= ancestors(gate_t)
+        self._nodes = [n for n in nodes if id(n) in early] + [
+            n for n in nodes if id(n) not in early
+        ]
+        self._convs = convs
+        self._aliases = aliases
+        self.reduced_layers = [c.node.operation.name for c in convs.values()
+                               if c.out_gate is not None]
+        self.folded_norms = [n.operation.name for n in nodes if id(n) in aliases]
+
+    # Execution ------------------------------------------------------------------------------
+
+    def _run(self, images, shapes=None):
+        values = {id(self._input): images}
+        open_sets = {}
+
+        def open_indices(gate_t):  # for gates not computed by a _GateGroup
+            if id(gate_t) not in open_sets:
+                is_open = tf.reduce_any(values[id(gate_t)] > 0, axis=0)
+                first = tf.equal(tf.range(tf.shape(is_open)[0]), 0)
+                keep = tf.logical_or(
+                    is_open, tf.logical_and(tf.logical_not(tf.reduce_any(is_open)), first)
+                )
+                open_sets[id(gate_t)] = tf.where(keep)[:, 0]
+            return open_sets[id(gate_t)]
+
+        for node in self._nodes:
+            op = node.operation
+            out_t = node.outputs[0] if len(node.outputs) == 1 else None
+            if id(node) in self._groups:
+                group = self._groups[id(node)]
+                if group is not None:
+                    group(values[id(_single_tensor_input(group.nodes[0]))], values, open_sets)
+            elif id(node) in self._aliases:  # a batch norm folded into its convolution
+                values[id(out_t)] = values[id(_single_tensor_input(node))]
+            elif id(node) in self._convs:
+                conv = self._convs[id(node)]
+                out_idx = None if conv.out_gate is None else open_indices(conv.out_gate)
+                if not conv.gated:
+                    x = values[id(_single_tensor_input(node))]
+                    values[id(out_t)] = conv(x, None, out_idx, shapes)
+                    continue
+                x_t, gate_t = _gated_conv_inputs(node)
+                x, gates = values[id(x_t)], tf.cast(values[id(gate_t)], conv.dtype)
+                x = tf.cast(x, conv.dtype)
+                in_idx = None
+                if conv.input_reduced:
+                    in_idx = open_indices(gate_t)
+                    x = x * tf.gather(gates, in_idx, axis=1)[:, None, None, :]
+                elif self.skip_stream_inputs:
+                    # Select and scale the open channels with one matrix product.
+                    in_idx = open_indices(gate_t)
+                    height, width = x.shape[1], x.shape[2]
+                    select = tf.one_hot(in_idx, conv.in_channels, axis=0, dtype=conv.dtype)
+                    select = select[None] * gates[:, :, None]
+                    x = tf.matmul(tf.reshape(x, (-1, height * width, conv.in_channels)), select)
+                    x = tf.reshape(
+                        x, tf.concat([[-1, height, width], tf.shape(in_idx)], axis=0)
+                    )
+                else:
+                    x = x * gates[:, None, None, :]
+                values[id(out_t)] = conv(x, in_idx, out_idx, shapes)
+            else:
+                args, kwargs = node.arguments.fill_in(values)
+                if isinstance(op, keras.layers.Layer):
+                    kwargs = dict(kwargs, training=False)
+                results = keras.tree.flatten(op(*args, **kwargs))
+                for tensor, value in zip(node.outputs, results):
+                    values[id(tensor)] = value
+        return keras.tree.map_structure(lambda t: values[id(t)], self.network.output)
+
+    def outputs(self, images):
+        """All of the network's outputs (for a DeepMoE: `"logits"`, `"embedding_logits"`,
+        `"gates"`), computed on the skip-channel path.
+
+        Args:
+            images: `(batch, height, width, channels)` images, as for the model.
+
+        Returns:
+            The network's outputs in its output structure (tensors).
+        """
+        return self._forward(tf.convert_to_tensor(images, dtype=self._input.dtype))
+
+    def kernel_shapes(self, images):
+        """The kernel slices the skip path uses for `images` (runs eagerly, for analysis).
+
+        Args:
+            images: `(batch, height, width, channels)` images.
+
+        Returns:
+            Dict `{convolution name: (kh, kw, active_in, active_out)}` for every
+            convolution of the base network; `kh * kw * active_in * active_out` times the
+            output positions is its multiply-add count on this path.
+        """
+        shapes = {}
+        self._run(tf.convert_to_tensor(images, dtype=self._input.dtype), shapes)
+        return shapes
+
+    def __call__(self, images):
+        """Logits `(batch, num_classes)` of `images` (a tensor), closed channels skipped."""
+        outputs = self.outputs(images)
+        return outputs["logits"] if isinstance(outputs, dict) else outputs
+
+
+def compile_skip_inference(model, skip_stream_inputs=True):
+    """A callable that runs `model` (a DeepMoE) skipping its closed channels.
+
+    Equivalent to `SkipChannelRunner(model, skip_stream_inputs)`; see there.
+
+    Args:
+        model: A `DeepMoEModel` or its functional `network`.
+        skip_stream_inputs: See `SkipChannelRunner`.
+
+    Returns:
+        A `SkipChannelRunner`: `runner(images)` returns the logits.
+
+    Example:
+
+    >>> predict = compile_skip_inference(keras_moe.zoo.deepmoe_resnet56(wide=True))
+    >>> logits = predict(image[None])
+
+    Reference:
+        Wang et al., "Deep Mixture of Experts via Shallow Embedding", UAI 2019, sec. 3.2-3.4.
+    """
+    return SkipChannelRunner(model, skip_stream_inputs=skip_stream_inputs)
