@@ -5,6 +5,13 @@ from keras_moe.training.callbacks import (
     ExpertUtilizationMonitor,
     gate_statistics,
 )
+from keras_moe.training.deepmoe import (
+    DeepMoEHistory,
+    GateDensityTarget,
+    gating_layers,
+    set_gating_trainable,
+    train_deepmoe_two_phase,
+)
 from keras_moe.training.phases import (
     LiftAssignmentConstraint,
     TwoPhaseHistory,
@@ -15,6 +22,11 @@ from keras_moe.training.phases import (
 )
 
 __all__ = [
+    "DeepMoEHistory",
+    "GateDensityTarget",
+    "gating_layers",
+    "set_gating_trainable",
+    "train_deepmoe_two_phase",
     "ExpertCollapseWarning",
     "ExpertUtilizationMonitor",
     "gate_statistics",

@@ -58,10 +58,9 @@ Design decisions (DESIGN.md, "DeepMoE (004)") and choices where the paper is sil
   (paper, section 5). Default `num_classes` follow the paper's tables: ResNet-56 on
   CIFAR-10, ResNet-110 and VGG-16 on CIFAR-100, ImageNet models 1000.
 
-Not here (later work): the second training phase (set `model.gate_l1 = 0` and
-`model.embedding_loss_weight = 0`, freeze `model.network`'s embedding and gate layers),
-FLOPs counting, bottleneck-B (Fig. 2c). The skip-channel inference path is
-`keras_moe.inference.SkipChannelRunner`.
+Elsewhere: Procedure 1 (two phases) and a density-targeting lambda in
+`keras_moe.training.deepmoe`; FLOPs in `keras_moe.analysis.flops`; the skip-channel
+inference path in `keras_moe.inference`. Not done: bottleneck-B (Fig. 2c), DRN-A-50.
 """
 
 import threading
