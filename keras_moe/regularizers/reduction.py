@@ -78,7 +78,9 @@ def scale_for_replicas(loss):
     The gradients of every replica's loss are summed; a term that each replica computes
     from global statistics must enter each replica's loss divided by the number of
     replicas to match the single-device gradient. `model.fit` on TensorFlow already does
-    this for every `add_loss` term: do not apply it there as well.
+    this for every `add_loss` term: do not apply it there as well. In a custom loop,
+    apply it to `model.losses` only: a Keras loss object already divides by the
+    replica count inside a strategy.
     """
     replicas = num_replicas_in_sync()
     if replicas == 1:

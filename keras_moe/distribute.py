@@ -1,0 +1,118 @@
+"""`tf.distribute` strategies by name, for `model.fit` on one or many devices.
+
+`get_strategy(name)` returns a strategy under whose `scope()` a zoo model is built and
+compiled. Every balancing loss of this package is computed over the *global* batch
+(`keras_moe.regularizers.reduction`), so a model trains under any of these strategies as
+on one device with the global batch (tests: `tests/test_distribute.py`,
+`tests/test_multi_worker.py`).
+
+Names:
+
+- `"default"`: TensorFlow's default strategy (one device, no replication).
+- `"mirrored"`: `tf.distribute.MirroredStrategy` over the local GPUs, or the CPU.
+- `"multi_worker"`: `tf.distribute.MultiWorkerMirroredStrategy`; the cluster comes from
+  the `TF_CONFIG` environment variable (every worker runs the same script with its own
+  `task.index`). Create it at program start, before any other TensorFlow op.
+  Caveat: Keras 3.15's `model.fit` fails under this strategy before its first step
+  (two bugs in `keras/src/backend/tensorflow/trainer.py`: `_maybe_symbolic_build`
+  passes the `(x, y)` tuple of `PerReplica` values to `strategy.reduce`, and
+  `reduce_per_replica` reduces scalar logs with `axis=0`). Until Keras fixes them,
+  train with a custom loop: `strategy.run` of a step whose loss is the Keras loss
+  object's value (which divides by the replica count itself) plus
+  `keras_moe.regularizers.reduction.scale_for_replicas(sum(model.losses))`, as
+  `tests/_workers/two_domain_training.py` does; two workers then train exactly like
+  one device on the global batch (`tests/test_multi_worker.py`).
+- `"tpu"`: `tf.distribute.TPUStrategy` on the TPU found by
+  `TPUClusterResolver(tpu=...)`. TPUs compile with XLA and need static shapes: build
+  MoE layers with `MoEDense(..., dispatch="capacity")` (fixed expert capacity; overflow
+  is dropped and counted in `layer.dropped_fraction`); the default sparse dispatch has
+  data-dependent shapes. Batches must have a fixed size (`drop_remainder=True`).
+"""
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+__all__ = ["STRATEGIES", "get_strategy"]
+
+
+def get_strategy(name="default", *, devices=None, tpu=None):
+    """Returns the `tf.distribute` strategy called `name`.
+
+    Args:
+        name: One of `"default"`, `"mirrored"`, `"multi_worker"`, `"tpu"`.
+        devices: For `"mirrored"` only: device names to mirror over (None: all local
+            GPUs, or the CPU without one).
+        tpu: For `"tpu"` only: the TPU's name or address (None: the TPU VM's own TPU,
+            or the one `TPU_NAME` names).
+
+    Returns:
+        A `tf.distribute.Strategy`.
+
+    Raises:
+        ValueError: `name` is not one of the names above (the message lists them), or
+            an argument is given to a strategy that does not take it, or `TF_CONFIG`
+            is malformed for `"multi_worker"`.
+        RuntimeError: `"tpu"` was asked for but no TPU can be reached (the message
+            says why).
+
+    Example:
+
+    >>> strategy = get_strategy("mirrored")
+    >>> with strategy.scope():
+    ...     model = keras_moe.zoo.sparse_moe_classifier()
+    ...     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    >>> model.fit(dataset)  # each batch is split across the replicas
+    """
+    import tensorflow as tf
+
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"unknown strategy {name!r}; expected one of {', '.join(map(repr, STRATEGIES))}."
+        )
+    if devices is not None and name != "mirrored":
+        raise ValueError(f"devices= is only for the 'mirrored' strategy, not {name!r}.")
+    if tpu is not None and name != "tpu":
+        raise ValueError(f"tpu= is only for the 'tpu' strategy, not {name!r}.")
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        _check_tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return _tpu_strategy(tpu)
+
+
+def _check_tf_config():
+    import json
+    import os
+
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return  # TensorFlow then runs one worker: a valid (if unusual) cluster.
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({error}): {raw!r}") from None
+    if not isinstance(config, dict) or "cluster" not in config or "task" not in config:
+        raise ValueError(
+            "TF_CONFIG must be a JSON object with 'cluster' (e.g. {'worker': "
+            "['host1:port', 'host2:port']}) and 'task' ({'type': 'worker', 'index': i}); "
+            f"got {raw!r}"
+        )
+
+
+def _tpu_strategy(tpu):
+    import tensorflow as tf
+
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        raise RuntimeError(
+            "no TPU is available: TPUClusterResolver could not find or connect to one "
+            f"({type(error).__name__}: {error}). Run on a Cloud TPU VM, or pass tpu= "
+            "(or set TPU_NAME) to a reachable TPU; use get_strategy('mirrored') or "
+            "'default' elsewhere."
+        ) from error
+    return tf.distribute.TPUStrategy(resolver)
