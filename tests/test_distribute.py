@@ -47,7 +47,7 @@ def _train(strategy, initial_weights, x, y, dispatch):
 
 
 @pytest.mark.parametrize("dispatch", ["sparse", "dense"])
-def test_mirrored_strategy_matches_single_device(dispatch):
+def test_mirrored_strategy_matches_single_device(dispatch, mirrored_strategy):
     assert len(LOGICAL_CPUS) >= 2, "conftest must create two logical CPU devices"
     rng = np.random.default_rng(0)
     x = rng.normal(size=(128, 10)).astype("float32")
@@ -56,7 +56,7 @@ def test_mirrored_strategy_matches_single_device(dispatch):
     initial = _build_model(dispatch).get_weights()
 
     single_loss, single_weights = _train(tf.distribute.get_strategy(), initial, x, y, dispatch)
-    mirrored = tf.distribute.MirroredStrategy(LOGICAL_CPUS[:2])
+    mirrored = mirrored_strategy
     assert mirrored.num_replicas_in_sync == 2
     mirrored_loss, mirrored_weights = _train(mirrored, initial, x, y, dispatch)
 

@@ -74,12 +74,12 @@ def test_multi_worker_rejects_a_malformed_tf_config(monkeypatch):
 
 
 @pytest.mark.parametrize("gate_loss", ["entropy", "variance"])
-def test_mirrored_zoo_model_matches_one_device(gate_loss):
+def test_mirrored_zoo_model_matches_one_device(gate_loss, mirrored_strategy):
     x, y = training.make_data()
     initial = _initial_weights(gate_loss)
     single = training.train(get_strategy("default"), initial, x, y, gate_loss)
-    mirrored = training.train(get_strategy("mirrored", devices=LOGICAL_CPUS[:2]), initial,
-                              x, y, gate_loss)
+    # The session's shared strategy: see conftest.mirrored_strategy.
+    mirrored = training.train(mirrored_strategy, initial, x, y, gate_loss)
     _assert_same_training(mirrored, single, initial)
 
 
