@@ -40,6 +40,30 @@ def _top_k_outputs(logits, selection_logits, k):
     }
 
 
+def softmax_gate_outputs(logits, top_k, training):
+    """The gate-output dict of a gate that is a softmax over `logits` (float32).
+
+    Soft gating (`top_k=None`) mixes every expert with `softmax(logits)` and marks the
+    argmax expert in `"dispatch_mask"`; top-k gating softmaxes the k largest logits.
+    Shared by every deterministic softmax gate (`SoftmaxGate`, `TSNEGate`).
+    """
+    num_experts = logits.shape[-1]
+    probs = ops.softmax(logits, axis=-1)
+    if top_k is None:
+        outputs = {
+            "gates": probs,
+            "dispatch_mask": ops.one_hot(
+                ops.argmax(logits, axis=-1), num_experts, dtype="float32"
+            ),
+        }
+    else:
+        outputs = _top_k_outputs(logits, logits, top_k)
+    outputs["logits"] = logits
+    outputs["probs"] = probs
+    outputs["load"] = _hard_load(outputs["dispatch_mask"], training)
+    return outputs
+
+
 def _hard_load(dispatch_mask, training):
     """Tokens per expert. Global over replicas in training, where the balancing losses
     read it; a local count otherwise, which spares inference a cross-replica sync."""
@@ -136,20 +160,7 @@ class SoftmaxGate(keras.layers.Layer):
         if self.hidden_units is not None:
             x = self.hidden_activation(ops.matmul(x, self.hidden_kernel) + self.hidden_bias)
         logits = ops.matmul(x, self.kernel) + self.bias
-        probs = ops.softmax(logits, axis=-1)
-        if self.top_k is None:
-            outputs = {
-                "gates": probs,
-                "dispatch_mask": ops.one_hot(
-                    ops.argmax(logits, axis=-1), self.num_experts, dtype="float32"
-                ),
-            }
-        else:
-            outputs = _top_k_outputs(logits, logits, self.top_k)
-        outputs["logits"] = logits
-        outputs["probs"] = probs
-        outputs["load"] = _hard_load(outputs["dispatch_mask"], training)
-        return outputs
+        return softmax_gate_outputs(logits, self.top_k, training)
 
     def get_config(self):
         config = super().get_config()

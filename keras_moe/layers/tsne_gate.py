@@ -25,7 +25,7 @@ import numpy as np
 from keras import ops
 
 from keras_moe import validation
-from keras_moe.layers.gates import _hard_load, _top_k_outputs
+from keras_moe.layers.gates import softmax_gate_outputs
 from keras_moe.layers.replica_losses import ReplicaLocalLossesMixin
 from keras_moe.regularizers.tsne import parametric_tsne_loss
 
@@ -473,19 +473,7 @@ class TSNEGate(keras.layers.Layer):
         diff = z[:, None, :] - ops.cast(self.positions, "float32")[None, :, :]
         sq_dist = ops.sum(ops.square(diff), axis=-1)
         logits = -sq_dist / self.temperature
-        probs = ops.softmax(logits, axis=-1)
-        if self.top_k is None:
-            outputs = {
-                "gates": probs,
-                "dispatch_mask": ops.one_hot(
-                    ops.argmax(logits, axis=-1), self.num_experts, dtype="float32"
-                ),
-            }
-        else:
-            outputs = _top_k_outputs(logits, logits, self.top_k)
-        outputs["logits"] = logits
-        outputs["probs"] = probs
-        outputs["load"] = _hard_load(outputs["dispatch_mask"], training)
+        outputs = softmax_gate_outputs(logits, self.top_k, training)
         outputs["embedding"] = z
         return outputs
 
