@@ -25,6 +25,8 @@ TINY = {
     "deepmoe_resnet18": _IMAGENET,
     "deepmoe_resnet34": _IMAGENET,
     "deepmoe_resnet50": _IMAGENET,
+    "deepmoe_drn_a50": _IMAGENET,  # 32x32: a multiple of the output stride 8
+    "drn_a50": _IMAGENET_BASE,
     "resnet18": _IMAGENET_BASE,
     "resnet34": _IMAGENET_BASE,
     "resnet50": _IMAGENET_BASE,
