@@ -168,3 +168,36 @@ def test_errors():
     with pytest.raises(ValueError, match="no GatedConv2D"):
         flops.effective_flops(deepmoe.resnet_cifar(depth=8, input_shape=(16, 16, 3)),
                               np.zeros((2, 16, 16, 3), "float32"))
+
+
+def test_moe_layers_count_the_gate_and_the_experts_each_token_runs():
+    from keras_moe import zoo
+
+    d, experts, k, units, hidden = 784, 8, 2, 32, 24
+    sparse = zoo.sparse_moe_classifier(num_experts=experts, top_k=k, units=units,
+                                       expert_hidden_units=hidden)
+    # Noisy top-k gate at inference: the clean logits only; k experts of two layers.
+    assert flops.static_flops(sparse, by_layer=True) == {
+        "moe_0": d * experts + k * (d * hidden + hidden * units), "logits": units * 10}
+
+    eigen = zoo.dmoe_mnist(experts=(3, 2), units=(16, 8), gate_hidden_units=(5, 4))
+    pixels = 36 * 36
+    # Soft gating: every expert runs; two-layer softmax gates.
+    assert flops.static_flops(eigen, by_layer=True) == {
+        "moe_1": pixels * 5 + 5 * 3 + 3 * pixels * 16,
+        "moe_2": 16 * 4 + 4 * 2 + 2 * 16 * 8,
+        "classifier": 8 * 10,
+    }
+
+
+def test_expert_mixture_counts_every_expert_and_the_gate():
+    from keras_moe import zoo
+
+    model = zoo.two_domain_moe(input_shape=(8, 8, 1), num_classes=4, gate="dense",
+                               expert_filters=4, expert_units=6, gate_units=5)
+    # Expert: conv 3x3 (1 -> 4, same) on 8x8, pool, conv 3x3 (4 -> 4) on 4x4, pool,
+    # dense 2*2*4 -> 6, dense 6 -> 4. Dense gate: flatten 64 -> 5 -> 2.
+    expert = 9 * 1 * 4 * 64 + 9 * 4 * 4 * 16 + 16 * 6 + 6 * 4
+    counts = flops.static_flops(model, by_layer=True)
+    assert counts == {"mixture/expert_0": expert, "mixture/expert_1": expert,
+                      "mixture/gate": 64 * 5 + 5 * 2}

@@ -20,6 +20,12 @@ tables and of the ResNet paper, where ResNet-50 has about 4.1e9):
 - `Dense`: `input_dim * units * prod(leading non-batch dims)`.
 - DeepMoE's `ReLUGate` head: `input_dim * units` (a dense layer on the embedding `e`);
   `ShallowEmbedding`: its convolutions and its dense layer.
+- `MoEDense`, per token: its gate at inference (`SoftmaxGate`: `d * hidden + hidden *
+  E`, or `d * E` when linear; `NoisyTopKGate`: the clean `d * E`, its noise runs in
+  training only) plus the experts a token runs: `top_k` of them (all `E` with soft
+  gating), each `d * units`, or `d * h + h * units` with `expert_hidden_units = h`.
+- `ExpertMixture`: every expert and the gate (all computed for every example), each
+  counted as a layer of its own or, for a functional model, recursively.
 - Nested functional models: their own layers, recursively.
 
 Not counted: bias additions, batch norm, activations, pooling, element-wise merges,
@@ -58,7 +64,9 @@ import numpy as np
 
 from keras_moe.layers.gated_conv import GatedConv2D
 from keras_moe.layers.gated_conv import ShallowEmbedding
-from keras_moe.layers.gates import ReLUGate
+from keras_moe.layers.expert_mixture import ExpertMixture
+from keras_moe.layers.gates import NoisyTopKGate, ReLUGate, SoftmaxGate
+from keras_moe.layers.moe_dense import MoEDense
 
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
@@ -160,6 +168,39 @@ def _embedding_macs(layer, in_shape):
     return total
 
 
+def _gate_macs(gate, input_dim):
+    if isinstance(gate, SoftmaxGate):
+        if gate.hidden_units is None:
+            return input_dim * gate.num_experts
+        return input_dim * gate.hidden_units + gate.hidden_units * gate.num_experts
+    if isinstance(gate, NoisyTopKGate):
+        return input_dim * gate.num_experts
+    # Any other gate layer: its matrices, once each (a dense-like cost per token).
+    return sum(_prod(w.shape) for w in gate.weights if len(w.shape) == 2)
+
+
+def _moe_dense_macs(layer, in_shape):
+    input_dim = in_shape[-1]
+    if layer.expert_hidden_units is None:
+        expert = input_dim * layer.units
+    else:
+        expert = input_dim * layer.expert_hidden_units + layer.expert_hidden_units * layer.units
+    active = layer.num_experts if layer.top_k is None else layer.top_k
+    return _prod(in_shape[1:-1]) * (_gate_macs(layer.gate, input_dim) + active * expert)
+
+
+def _sublayer_macs(layer, in_shape):
+    """MACs of a layer called on `in_shape` outside any graph we can read."""
+    layer = getattr(layer, "_functional", None) or layer  # a built Sequential's graph
+    if isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth"):
+        return sum(_graph_macs(layer).values())
+    out_shape = tuple(layer.compute_output_shape(in_shape))
+    macs = _dense_macs(layer, in_shape)
+    if macs is None:
+        macs = _conv_macs(layer, in_shape, out_shape)
+    return macs or 0
+
+
 def _node_macs(node):
     """{name: MACs} of one call node (a nested model gives one entry per inner layer)."""
     layer = node.operation
@@ -171,6 +212,14 @@ def _node_macs(node):
     in_shape = _shape(inputs[0])
     if isinstance(layer, ShallowEmbedding):
         return {layer.name: _embedding_macs(layer, in_shape)}
+    if isinstance(layer, MoEDense):
+        return {layer.name: _moe_dense_macs(layer, in_shape)}
+    if isinstance(layer, ExpertMixture):
+        parts = {f"{layer.name}/expert_{i}": _sublayer_macs(expert, in_shape)
+                 for i, expert in enumerate(layer.experts)}
+        if layer.gate is not None:
+            parts[f"{layer.name}/gate"] = _sublayer_macs(layer.gate, in_shape)
+        return parts
     macs = _dense_macs(layer, in_shape)
     if macs is None and node.outputs:
         macs = _conv_macs(layer, in_shape, _shape(node.outputs[0]))
