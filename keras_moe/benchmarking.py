@@ -1,0 +1,144 @@
+"""`keras-moe bench`: training throughput and serving latency of a recipe's model.
+
+`benchmark_recipe(recipe)` builds the recipe's model (shapes and classes from its data),
+and times on this machine, with inputs drawn from the real data:
+
+- training: examples per second over `steps` compiled training steps (after a warm-up
+  step that traces the step function), the recipe's optimizer and losses included;
+- inference: examples per second of compiled forward passes on training-size batches;
+- serving: latency of one example (batch 1), median and 90th percentile of `repeats`
+  compiled forward passes.
+
+Absolute times on a shared machine are noisy: compare models within one run (the
+repository's `benchmarks/` scripts print such side-by-side ratios; `run_suite` runs
+them). No number here is asserted by a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["BenchmarkResult", "benchmark_recipe", "run_suite", "SUITES"]
+
+SUITES = ("moe_dense", "deepmoe", "data_pipeline")
+
+
+@dataclasses.dataclass
+class BenchmarkResult:
+    """What `benchmark_recipe` measured (times in seconds)."""
+
+    model: str
+    parameters: int
+    static_macs: object
+    batch_size: int
+    train_examples_per_second: float
+    inference_examples_per_second: float
+    latency_median: float
+    latency_p90: float
+    steps: int
+
+    def __str__(self):
+        macs = f"{self.static_macs / 1e6:.2f}M" if self.static_macs else "n/a"
+        return "\n".join([
+            f"model {self.model}: {self.parameters:,} parameters, {macs} MACs per example",
+            f"training   {self.train_examples_per_second:10.1f} examples/s  (batch "
+            f"{self.batch_size}, {self.steps} steps)",
+            f"inference  {self.inference_examples_per_second:10.1f} examples/s  (batch "
+            f"{self.batch_size})",
+            f"serving    {self.latency_median * 1e3:10.2f} ms median, "
+            f"{self.latency_p90 * 1e3:.2f} ms p90  (batch 1)",
+        ])
+
+
+def _timed(function, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return np.asarray(times)
+
+
+def benchmark_recipe(recipe, *, batch_size=None, steps=20, repeats=50, data_dir=None,
+                     seed=0):
+    """Times training, inference and batch-1 serving of `recipe`'s model.
+
+    Args:
+        recipe: A `keras_moe.recipes.Recipe`.
+        batch_size: Training and inference batch (None: the recipe's).
+        steps: Timed training steps, >= 1.
+        repeats: Timed batch-1 forward passes, >= 1.
+        data_dir: Where the data files are.
+        seed: Seed of the weights.
+
+    Returns:
+        A `BenchmarkResult` (`str()` gives the printed table).
+
+    Raises:
+        ValueError: `steps`, `repeats` or `batch_size` below 1.
+    """
+    import keras
+    import tensorflow as tf
+
+    from keras_moe import validation
+    from keras_moe.analysis import flops
+    from keras_moe.training import runner
+
+    steps = validation.positive_int("steps", steps)
+    repeats = validation.positive_int("repeats", repeats)
+    batch_size = recipe.data.batch_size if batch_size is None else validation.positive_int(
+        "batch_size", batch_size)
+    recipe = recipe.override([f"data.train_size={batch_size}", f"data.batch_size={batch_size}",
+                              "data.test_size=1"])
+    keras.utils.set_random_seed(seed)
+    data = runner.build_datasets(recipe, data_dir=data_dir, seed=seed, probe_size=1)
+    model = runner.build_model(recipe, data)
+    runner.compile_model(model, recipe, data.steps_per_epoch)
+    runner.apply_phase(model, recipe.phases[0])
+    x, y = next(iter(data.train_epochs(0, 1)))
+
+    model.train_on_batch(x, y)  # traces the training step
+    train = _timed(lambda: model.train_on_batch(x, y), steps)
+
+    forward = tf.function(lambda inputs: model(inputs, training=False))
+    forward(x)
+    infer = _timed(lambda: forward(x), max(3, steps // 2))
+    one = tf.nest.map_structure(lambda t: t[:1], x)
+    forward(one)
+    latency = _timed(lambda: forward(one), repeats)
+    try:
+        macs = int(flops.static_flops(model))
+    except (ValueError, TypeError):
+        macs = None
+    return BenchmarkResult(
+        model=model.name, parameters=int(model.count_params()), static_macs=macs,
+        batch_size=batch_size, train_examples_per_second=batch_size / float(np.median(train)),
+        inference_examples_per_second=batch_size / float(np.median(infer)),
+        latency_median=float(np.median(latency)),
+        latency_p90=float(np.percentile(latency, 90)), steps=steps,
+    )
+
+
+def run_suite(name, arguments=()):
+    """Runs the repository's `benchmarks/<name>.py` with `arguments`; returns its status.
+
+    Raises:
+        ValueError: `name` is not one of `SUITES`, or the repository's `benchmarks/`
+            folder is not beside this package (an installed wheel has no benchmarks).
+    """
+    if name not in SUITES:
+        raise ValueError(f"suite must be one of {', '.join(SUITES)}, got {name!r}")
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    if not script.is_file():
+        raise ValueError(
+            f"benchmark suite {name!r} needs the repository checkout: {script} does not "
+            "exist (install with `pip install -e .` from the repository)")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    return subprocess.run([sys.executable, str(script), *arguments], env=env).returncode

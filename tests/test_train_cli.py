@@ -1,0 +1,292 @@
+"""`keras-moe train / evaluate / export / predict` on tiny recipes over the real default data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_moe import cli, recipes
+from keras_moe.training import runner
+
+TINY = """
+[recipe]
+name = "tiny_sparse"
+description = "tiny"
+paper = "test"
+
+[model]
+name = "sparse_moe_classifier"
+num_experts = 4
+top_k = 2
+units = 16
+
+[losses]
+importance_weight = 0.1
+load_weight = 0.1
+
+[data]
+dataset = "fashion_mnist"
+batch_size = 64
+train_size = 512
+test_size = 256
+
+[[phases]]
+name = "train"
+epochs = 2
+"""
+
+EIGEN_TWO_PHASE = """
+[recipe]
+name = "tiny_eigen"
+
+[model]
+name = "dmoe_mnist"
+experts = [3, 2]
+units = [16, 8]
+gate_hidden_units = [8, 4]
+assignment_margin = 20.0
+
+[data]
+dataset = "fashion_mnist"
+batch_size = 32
+train_size = 1024
+test_size = 128
+normalize = "none"
+
+[optimizer]
+name = "adam"
+learning_rate = 0.002
+
+[[phases]]
+name = "constrained"
+epochs = 2
+assignment_constraint = true
+
+[[phases]]
+name = "free"
+epochs = 2
+assignment_constraint = false
+"""
+
+
+def _recipe_file(tmp_path, text, name="recipe.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    out = tmp / "run"
+    recipe = _recipe_file(tmp, TINY)
+    code = cli.main(["train", recipe, "--out", str(out), "--verbose", "0", "--classify", "4",
+                     "--gates"])
+    return code, out
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    code, out = trained_run
+    assert code == 0
+    for name in ("recipe.toml", "command.txt", "model.keras", "report.txt", "report.json",
+                 "report.png", "history.jsonl", "saved_model/saved_model.pb",
+                 "checkpoints/0-train.keras"):
+        assert (out / name).exists(), name
+    assert (out / "report.png").stat().st_size > 10_000
+    history = runner.read_history(out)
+    assert [(row["phase"], row["epoch"]) for row in history] == [("train", 0), ("train", 1)]
+    assert all(np.isfinite(row["loss"]) and "val_accuracy" in row for row in history)
+    # TensorBoard: losses and metrics, and the expert utilisation of the MoE layer.
+    events = {os.path.relpath(root, out / "logs") for root, _, files in os.walk(out / "logs")
+              if any(f.startswith("events.out.tfevents") for f in files)}
+    assert {"train", "validation", "moe"} <= events
+    tags = set()
+    for root, _, files in os.walk(out / "logs" / "moe"):
+        for f in files:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, f)):
+                tags.update(v.tag for v in event.summary.value)
+    assert "moe_0/load_cv" in tags and "moe_0/expert_3/share" in tags
+    # The recorded recipe is the one run, and reloads.
+    assert recipes.load_recipe(out / "recipe.toml").model.args["num_experts"] == 4
+
+
+def test_report_numbers_are_the_models_own(trained_run):
+    _, out = trained_run
+    report = json.loads((out / "report.json").read_text())
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    recipe = recipes.load_recipe(out / "recipe.toml")
+    data = runner.build_datasets(recipe)
+    x = np.concatenate([b[0].numpy() for b in data.test])
+    y = np.concatenate([b[1].numpy() for b in data.test])
+    accuracy = float(np.mean(model.predict(x, verbose=0).argmax(-1) == y))
+    assert report["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert report["test_examples"] == 256 and report["train_examples"] == 512
+    share = np.array(report["moe"]["moe_0"]["share"])
+    assert share.shape == (4,) and share.sum() == pytest.approx(1.0)
+    assert report["parameters"] == model.count_params()
+    text = (out / "report.txt").read_text()
+    assert f"accuracy {report['test']['accuracy']:.4f}" in text
+
+
+def test_saved_model_classifies_in_a_fresh_process_without_keras_moe(trained_run):
+    _, out = trained_run
+    result = json.loads((out / "classify_output.json").read_text())
+    assert result["keras_moe_imported"] is False
+    assert result["max_abs_diff"] <= 1e-5
+    batch = np.load(out / "classify_input.npz")
+    assert np.asarray(result["probabilities"]).shape == (4, 10)
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(model.predict(batch["images"],
+                                                                          verbose=0)))
+    np.testing.assert_allclose(result["probabilities"], expected, atol=1e-5)
+
+
+def test_a_run_directory_is_never_overwritten(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    recipe = _recipe_file(tmp_path, TINY)
+    before = (out / "model.keras").stat().st_mtime_ns
+    assert cli.main(["train", recipe, "--out", str(out)]) == 2
+    assert "already holds a finished run; it is never overwritten" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(out), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert (out / "model.keras").stat().st_mtime_ns == before
+    other = tmp_path / "not_a_run"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli.main(["train", recipe, "--out", str(other)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert os.listdir(other) == ["notes.txt"]
+    # Without --out every run gets a directory of its own.
+    parsed = recipes.load_recipe(recipe)
+    first, second = runner.default_run_dir(parsed, tmp_path), runner.default_run_dir(parsed,
+                                                                                      tmp_path)
+    assert first == second  # nothing created yet
+    first.mkdir(parents=True)
+    assert runner.default_run_dir(parsed, tmp_path) != first
+
+
+def test_evaluate_export_and_predict_a_finished_run(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    report = json.loads((out / "report.json").read_text())
+    assert cli.main(["evaluate", str(out), "--json", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["test"]["accuracy"] == pytest.approx(report["test"]["accuracy"], abs=1e-6)
+    capsys.readouterr()
+
+    assert cli.main(["export", str(out)]) == 2  # train already exported there
+    assert "never overwritten silently: pass --overwrite" in capsys.readouterr().err
+    target = tmp_path / "exported"
+    assert cli.main(["export", str(out), "--out", str(target), "--gates"]) == 0
+    printed = capsys.readouterr().out
+    assert "'gates_moe_0': (None, 4)" in printed and "'probabilities': (None, 10)" in printed
+
+    assert cli.main(["predict", str(out / "saved_model"), "--count", "3"]) == 0
+    printed = capsys.readouterr()
+    assert cli.main(["predict", str(tmp_path)]) == 2
+    assert "not a SavedModel directory" in capsys.readouterr().err
+
+
+def test_phases_apply_their_settings_and_number_epochs_on(tmp_path):
+    recipe = recipes.load_recipe(_recipe_file(tmp_path, EIGEN_TWO_PHASE))
+    result = runner.train_recipe(recipe, tmp_path / "run", verbose=0)
+    assert [(r["phase"], r["epoch"]) for r in result.history] == [
+        ("constrained", 0), ("constrained", 1), ("free", 2), ("free", 3)]
+    from keras_moe.training import phases
+
+    layers = phases.constrained_moe_layers(result.model)
+    assert layers and not any(float(layer.assignment_constraint_active.numpy()) > 0.5 for layer in layers)
+    phase0 = keras.saving.load_model(tmp_path / "run/checkpoints/0-constrained.keras",
+                                     safe_mode=True)
+    assert all(float(layer.assignment_constraint_active.numpy()) > 0.5
+               for layer in phases.constrained_moe_layers(phase0))
+    assert int(result.model.optimizer.iterations.numpy()) == 4 * 32  # 1024 / 32 per epoch
+
+
+def _train_process(recipe, out, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "keras_moe.cli", "train", recipe, "--out", str(out),
+         "--deterministic", "--verbose", "0", "--no-export", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_killed_cli_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGKILL in the second phase, after its first epoch's backup: --resume finishes with
+    exactly the weights of a run that was never interrupted."""
+    recipe = _recipe_file(tmp_path, EIGEN_TWO_PHASE)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    uninterrupted = _train_process(recipe, whole)
+    process = _train_process(recipe, killed)
+    metadata = killed / "backup" / "1-free" / "training_metadata.json"
+    deadline = time.time() + 300
+    while not metadata.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed:\n" + (
+        process.stdout.read())
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.keras").exists()
+    assert (killed / "checkpoints" / "0-constrained.keras").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "keras_moe.cli", "train", "--out", str(killed), "--resume",
+         "--deterministic", "--verbose", "0", "--no-export"],
+        capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stdout.read()
+    a = keras.saving.load_model(whole / "model.keras", safe_mode=True).get_weights()
+    b = keras.saving.load_model(killed / "model.keras", safe_mode=True).get_weights()
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    epochs = [row["epoch"] for row in runner.read_history(killed)]
+    assert epochs == [0, 1, 2, 3]
+    assert (killed / "command.txt").read_text().count("keras-moe train") == 2
+
+
+def test_mirrored_run_matches_one_device(tmp_path, mirrored_strategy):
+    """A zoo model with a gate loss (two-domain MoE, entropy loss) through train_recipe:
+    two replicas give one device's losses and weights."""
+    text = """
+[model]
+name = "two_domain_moe"
+gate = "conv"
+expert_filters = 4
+expert_units = 6
+gate_filters = 3
+gate_units = 5
+
+[losses]
+gate_loss = "entropy"
+alpha = 0.3
+beta = 0.1
+
+[data]
+dataset = "two_domain"
+batch_size = 64
+train_size = 256
+test_size = 64
+
+[optimizer]
+name = "sgd"
+learning_rate = 0.05
+
+[[phases]]
+epochs = 2
+"""
+    recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
+    one = runner.train_recipe(recipe, tmp_path / "one", verbose=0)
+    two = runner.train_recipe(recipe, tmp_path / "two", verbose=0, strategy=mirrored_strategy)
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    np.testing.assert_allclose([r["loss"] for r in two.history],
+                               [r["loss"] for r in one.history], rtol=1e-5)
+    for a, b in zip(one.model.get_weights(), two.model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
