@@ -10,6 +10,11 @@ static count:
   with `GateDensityTarget` steering lambda toward `--wide-density` (paper: about half of
   the channels open at inference).
 
+Gate heads are redrawn uniformly in `--gate-init-range` (default 0,2:
+`keras_moe.training.deepmoe.spread_gate_heads`; the paper does not give W_g's
+initialisation) so that the open fraction falls smoothly under the L1 term, and lambda
+starts at `--gate-l1` and is steered by `GateDensityTarget` (see its docstring).
+
 DeepMoE models follow Procedure 1 (`train_deepmoe_two_phase`): `--joint-epochs` with
 lambda and mu, then `--finetune-epochs` with the embedding and gate heads frozen and
 lambda = mu = 0.
@@ -29,8 +34,9 @@ the same pipeline. The full recipe does not fit a 2-core CPU: use `--train-size`
 
 Example (the scaled comparison of zoo/deepmoe.md):
 
-    nice -n 10 python examples/deepmoe_cifar.py --depth 8 --train-size 10000 \
-        --test-size 2000 --joint-epochs 2 --finetune-epochs 1 --lr-drops none
+    nice -n 10 python examples/deepmoe_cifar.py --depth 8 --train-size 8000 \
+        --test-size 2000 --joint-epochs 3 --finetune-epochs 1 --lr-drops 3 \
+        --embedding-widths 8,16,32,64 --gate-l1 1 --narrow-density 0.75 --wide-density 0.5
 
 Reference:
     Wang et al., "Deep Mixture of Experts via Shallow Embedding", UAI 2019, section 5.
@@ -47,6 +53,7 @@ from keras_moe import zoo
 from keras_moe.analysis import flops
 from keras_moe.analysis import shuffling
 from keras_moe.training.deepmoe import GateDensityTarget
+from keras_moe.training.deepmoe import spread_gate_heads
 from keras_moe.training.deepmoe import train_deepmoe_two_phase
 
 MODELS = ("baseline", "narrow", "wide")
@@ -80,10 +87,19 @@ def parse_args(argv=None):
                    help="target gate density for narrow (default: fixed lambda)")
     p.add_argument("--wide-density", type=float, default=0.5,
                    help="target gate density for wide (0 for a fixed lambda)")
-    p.add_argument("--density-every", type=int, default=20,
+    p.add_argument("--density-every", type=int, default=4,
                    help="batches between lambda updates of GateDensityTarget")
-    p.add_argument("--density-factor", type=float, default=1.5,
-                   help="GateDensityTarget's multiplier per update")
+    p.add_argument("--density-factor", type=float, default=1.2,
+                   help="GateDensityTarget's largest multiplier of lambda per update")
+    p.add_argument("--density-gain", type=float, default=5.0,
+                   help="GateDensityTarget's gain (log lambda per unit density error)")
+    p.add_argument("--density-lookahead", type=float, default=20,
+                   help="GateDensityTarget's lookahead in batches (0: no rate term)")
+    p.add_argument("--density-ramp", type=int, default=0,
+                   help="batches over which GateDensityTarget's target falls from 1")
+    p.add_argument("--gate-init-range", default="0,2",
+                   help="draw the gate-head kernels W_g uniformly in LOW,HIGH "
+                        "(spread_gate_heads), or 'none' for ReLUGate's 1 +- 0.01")
     p.add_argument("--train-size", type=int, default=None, help="first N training examples")
     p.add_argument("--test-size", type=int, default=None, help="first N test examples")
     p.add_argument("--shuffle-target", type=int, default=None,
@@ -99,6 +115,8 @@ def parse_args(argv=None):
         if m not in MODELS:
             p.error(f"--models entries must be in {MODELS}, got {m!r}")
     args.embedding_widths = tuple(int(w) for w in args.embedding_widths.split(","))
+    args.gate_init_range = (None if args.gate_init_range == "none" else
+                            tuple(float(v) for v in args.gate_init_range.split(",")))
     args.lr_drops = [] if args.lr_drops == "none" else [int(e) for e in args.lr_drops.split(",")]
     return args
 
@@ -153,9 +171,12 @@ def build(kind, args, num_classes):
                   width_multiplier=args.width_multiplier)
     if kind == "baseline":
         return zoo.resnet_cifar(**common)
-    return zoo.deepmoe_resnet_cifar(
+    model = zoo.deepmoe_resnet_cifar(
         wide=kind == "wide", gate_l1=args.gate_l1, embedding_loss_weight=args.mu,
         embedding_widths=args.embedding_widths, **common)
+    if args.gate_init_range is not None:
+        spread_gate_heads(model, *args.gate_init_range, seed=args.seed)
+    return model
 
 
 def main(argv=None):
@@ -182,11 +203,19 @@ def main(argv=None):
         else:
             callbacks = []
             if target:
-                callbacks.append(GateDensityTarget(target, data=probe, every=args.density_every,
-                                                   factor=args.density_factor))
+                callbacks.append(GateDensityTarget(
+                    target, data=probe, every=args.density_every, factor=args.density_factor,
+                    gain=args.density_gain, lookahead=args.density_lookahead,
+                    ramp=args.density_ramp))
             train_deepmoe_two_phase(model, train, joint_epochs=args.joint_epochs,
                                     finetune_epochs=args.finetune_epochs, callbacks=callbacks,
                                     verbose=args.verbose)
+            for c in callbacks:
+                densities = [r.density for r in c.records]
+                print(f"{kind}: GateDensityTarget({c.target_density}) {len(densities)} updates, "
+                      f"probe density min {min(densities):.3f}, last {densities[-1]:.3f}, "
+                      f"lambda peak {max(r.gate_l1 for r in c.records):.3g}, "
+                      f"last {c.records[-1].gate_l1:.3g}")
         seconds = time.time() - start
         _, accuracy = model.evaluate(test, verbose=0)
         if kind == "baseline":

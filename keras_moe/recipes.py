@@ -54,7 +54,8 @@ epochs = 6
 # freeze_gating = true          DeepMoE: freeze the embedding and every gate head
 # gate_l1 = 0.0                 DeepMoE lambda;  embedding_loss_weight = 0.0: mu
 # assignment_constraint = false Eigen et al.'s running-assignment constraint on/off
-# gate_density_target = 0.5     DeepMoE: steer lambda to this open-gate fraction (this phase)
+# gate_density_target = 0.5     DeepMoE: steer lambda to this open-gate fraction (this
+#                               phase; the model's gate heads then start spread, W_g ~ U(0, 2))
 ```
 
 Validation happens in `Recipe.from_dict` (structure, types, ranges) and in

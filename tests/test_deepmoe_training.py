@@ -108,60 +108,168 @@ def test_two_phase_argument_checks():
             joint_epochs=1, finetune_epochs=1)
 
 
-def test_density_target_rule_with_controlled_density():
-    densities = iter([0.9, 0.9, 0.8, 0.2, 0.51, 0.9, 0.0])
+def expected_gate_l1(gate_l1, density, previous, target, *, gain, factor, down_factor,
+                     lookahead, ramp, target_density, lo, hi):
+    """GateDensityTarget's rule written out (see its docstring)."""
+    batch, d = density
+    if ramp:
+        target = max(target_density, 1 - (1 - target_density) * min(1, batch / ramp))
+    predicted = d
+    if previous is not None and lookahead:
+        predicted = d + lookahead * (d - previous[1]) / (batch - previous[0])
+    step = np.clip(gain * (predicted - target), -np.log(down_factor), np.log(factor))
+    return float(np.clip(gate_l1 * np.exp(step), lo, hi))
+
+
+def run_rule(callback, model, measurements):
+    it = iter(measurements)
+    callback.density_fn = lambda m: next(it)[1]
+    out = []
+    for batch, _ in measurements:
+        callback._seen = batch
+        out.append(callback.update())
+    return out
+
+
+def test_density_target_update_follows_the_formula():
+    rule = dict(gain=4.0, factor=1.5, down_factor=2.0, lookahead=0, ramp=0)
     callback = training.GateDensityTarget(
-        0.5, density_fn=lambda model: next(densities), factor=2.0, tolerance=0.02,
-        min_gate_l1=0.01, max_gate_l1=1.0,
-    )
+        0.5, density_fn=lambda m: 0.0, tolerance=0.0, min_gate_l1=0.01, max_gate_l1=1.0,
+        **rule)
     model = tiny(gate_l1=0.2)
     callback.set_model(model)
-    assert callback.update() == (0.9, pytest.approx(0.4))   # above target: x2
-    assert callback.update() == (0.9, pytest.approx(0.8))
-    assert callback.update() == (0.8, pytest.approx(0.8))   # above but falling: hold
-    assert callback.update() == (0.2, pytest.approx(0.4))   # below target: /2
-    assert callback.update() == (0.51, pytest.approx(0.4))  # inside the dead band
-    model.gate_l1 = 0.7
-    assert callback.update() == (0.9, pytest.approx(1.0))   # capped at max_gate_l1
-    model.gate_l1 = 0.015
-    assert callback.update() == (0.0, pytest.approx(0.01))  # floored at min_gate_l1
-    assert model.gate_l1 == pytest.approx(0.01)
-    assert [round(r[2], 6) for r in callback.records] == [0.4, 0.8, 0.8, 0.4, 0.4, 1.0, 0.01]
+    measurements = [(10, 0.9), (20, 0.6), (30, 0.55), (40, 0.45), (50, 0.0), (60, 0.7),
+                    (70, 0.9), (80, 0.9), (90, 0.9)]
+    got = run_rule(callback, model, measurements)
+    lam, previous = 0.2, None
+    for (batch, d), (d_got, lam_got) in zip(measurements, got):
+        lam = expected_gate_l1(lam, (batch, d), previous, 0.5, target_density=0.5, lo=0.01,
+                               hi=1.0, **rule)
+        previous = (batch, d)
+        assert d_got == d and lam_got == pytest.approx(lam, rel=1e-6)
+    # Spot values: bounded up-step (x1.5), proportional steps, bounded down-step (/2),
+    # capped at max_gate_l1.
+    lams = [r.gate_l1 for r in callback.records]
+    assert lams[0] == pytest.approx(0.3)
+    assert lams[1] == pytest.approx(0.3 * np.exp(0.4))
+    assert lams[2] == pytest.approx(lams[1] * np.exp(0.2))
+    assert lams[3] == pytest.approx(lams[2] * np.exp(-0.2))
+    assert lams[4] == pytest.approx(lams[3] / 2)
+    assert lams[-1] == pytest.approx(1.0)
+    assert model.gate_l1 == pytest.approx(1.0)
 
 
-def test_density_target_raises_zero_lambda_and_checks_arguments():
-    callback = training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, factor=3.0,
-                                          min_gate_l1=0.1)
-    model = tiny(gate_l1=0.0)
+def test_density_target_lookahead_and_ramp_follow_the_formula():
+    rule = dict(gain=3.0, factor=1.3, down_factor=1.8, lookahead=20, ramp=100)
+    callback = training.GateDensityTarget(
+        0.4, density_fn=lambda m: 0.0, every=5, min_gate_l1=1e-3, max_gate_l1=100.0, **rule)
+    model = tiny(gate_l1=1.0)
     callback.set_model(model)
-    callback.update()
+    measurements = [(5, 1.0), (10, 1.0), (15, 0.99), (20, 0.95), (25, 0.9), (30, 0.884),
+                    (60, 0.7), (100, 0.45), (105, 0.41), (110, 0.40), (200, 0.40)]
+    got = run_rule(callback, model, measurements)
+    lam, previous = 1.0, None
+    for (batch, d), (_, lam_got) in zip(measurements, got):
+        lam = expected_gate_l1(lam, (batch, d), previous, None, target_density=0.4,
+                               lo=1e-3, hi=100.0, **rule)
+        previous = (batch, d)
+        assert lam_got == pytest.approx(lam, rel=1e-6)
+    records = callback.records
+    assert [r.target for r in records[:3]] == pytest.approx([0.97, 0.94, 0.91])
+    assert records[-1].target == pytest.approx(0.4)
+    # Falling by 0.016 per 5 batches, 0.884 predicts 0.884 - 4 * 0.016 = 0.82 = the
+    # ramped target at batch 30: no step.
+    assert records[5].target == pytest.approx(0.82)
+    assert records[5].gate_l1 == pytest.approx(records[4].gate_l1)
+
+
+def test_density_target_options_and_argument_checks():
+    model = tiny(gate_l1=0.0)
+    callback = training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, factor=3.0,
+                                          min_gate_l1=0.1, lookahead=0)
+    callback.set_model(model)
+    callback.update()   # a lambda of 0 is first raised to min_gate_l1
     assert model.gate_l1 == pytest.approx(0.3)
+    # latch: once at or below the target, lambda never goes up again.
+    densities = iter([0.4, 0.9])
+    latched = training.GateDensityTarget(0.5, density_fn=lambda m: next(densities),
+                                         latch=True, lookahead=0)
+    latched.set_model(model)
+    model.gate_l1 = 1.0
+    latched.update()
+    assert model.gate_l1 < 1.0
+    low = model.gate_l1
+    latched.update()
+    assert model.gate_l1 == low and latched.reached
+    # hold_while_falling: no raise while the density falls.
+    densities = iter([0.9, 0.8])
+    held = training.GateDensityTarget(0.5, density_fn=lambda m: next(densities),
+                                      hold_while_falling=True, lookahead=0)
+    held.set_model(model)
+    model.gate_l1 = 1.0
+    held.update()
+    raised = model.gate_l1
+    held.update()
+    assert raised > 1.0 and model.gate_l1 == raised
+    # initial_gate_l1 is applied when training starts.
+    start = training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, initial_gate_l1=0.05)
+    start.set_model(model)
+    start.on_train_begin()
+    assert model.gate_l1 == pytest.approx(0.05)
     with pytest.raises(ValueError, match="target_density"):
         training.GateDensityTarget(1.5, density_fn=lambda m: 1.0)
     with pytest.raises(ValueError, match="factor"):
         training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, factor=1.0)
+    with pytest.raises(ValueError, match="down_factor"):
+        training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, down_factor=0.5)
+    with pytest.raises(ValueError, match="gain"):
+        training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, gain=0.0)
+    with pytest.raises(ValueError, match="ramp"):
+        training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, ramp=-1)
     with pytest.raises(ValueError, match="data"):
         training.GateDensityTarget(0.5)
 
 
-def test_density_target_tiny_run_moves_density_toward_target():
-    # Plain SGD: with momentum 0.9 this tiny run overshoots to density 0 (all gates
-    # shrink together and the velocity carries them past zero; see the callback's doc).
-    model = compiled(tiny(gate_l1=20.0), lr=0.1, momentum=0.0)
-    x, y = data(64)
-    start = flops.gate_density(model, x, overall=True)
-    assert start == 1.0
-    callback = training.GateDensityTarget(0.5, data=x, every=1, factor=1.5, max_gate_l1=1e4)
-    history = model.fit(x, y, batch_size=16, epochs=4, callbacks=[callback], verbose=0)
-    end = flops.gate_density(model, x, overall=True)
-    assert end < start
-    assert abs(end - 0.5) < abs(start - 0.5)
-    assert history.history["gate_density"][-1] == pytest.approx(end)
-    # lambda rose while the density stayed above the target band.
-    first_below = next((i for i, r in enumerate(callback.records) if r[1] <= 0.52),
-                       len(callback.records))
-    lambdas = [r[2] for r in callback.records[:first_below]]
-    assert lambdas == sorted(lambdas) and lambdas[-1] > 20.0
+def test_spread_gate_heads():
+    model = tiny()
+    heads = training.spread_gate_heads(model, seed=1)
+    assert len(heads) == model.num_gated_layers
+    kernels = [np.array(h.kernel) for h in heads]
+    assert all(k.min() >= 0.0 and k.max() <= 2.0 for k in kernels)
+    assert np.std(np.concatenate([k.ravel() for k in kernels])) > 0.4   # ~2 / sqrt(12)
+    x, _ = data(16)
+    assert flops.gate_density(model, x, overall=True) == 1.0  # every gate starts open
+    again = [np.array(h.kernel) for h in training.spread_gate_heads(tiny(), seed=1)]
+    for a, b in zip(kernels, again):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="high"):
+        training.spread_gate_heads(model, low=1.0, high=1.0)
+
+
+def test_density_target_closed_loop_reaches_target_without_overshoot():
+    # Momentum 0.9 as in the paper's recipe: the old multiplicative rule overshot to
+    # density ~0 on this kind of run (all gates crossed zero together).
+    target = 0.5
+    model = tiny(gate_l1=1.0)
+    training.spread_gate_heads(model, seed=0)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(256)
+    assert flops.gate_density(model, x[:128], overall=True) == 1.0
+    callback = training.GateDensityTarget(target, data=x[:128], every=2)
+    history = model.fit(x, y, batch_size=32, epochs=25, callbacks=[callback], verbose=0)
+    densities = [r.density for r in callback.records]
+    lambdas = [r.gate_l1 for r in callback.records]
+    assert len(densities) == 100
+    # Reaches the target: the last 20 measurements within 0.05 of it.
+    assert max(abs(d - target) for d in densities[-20:]) <= 0.05
+    # Never far below it (closed gates may not reopen).
+    assert min(densities) >= target - 0.1
+    # lambda rose from its start while the gates were all open, then came back down.
+    peak = int(np.argmax(lambdas))
+    assert lambdas[peak] > 10 * lambdas[0] and lambdas[-1] < lambdas[peak] / 2
+    assert history.history["gate_density"][-1] == pytest.approx(densities[-1])
+    assert history.history["gate_l1"][-1] == pytest.approx(lambdas[-1])
 
 
 # Shuffling ---------------------------------------------------------------------------

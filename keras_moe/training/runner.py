@@ -269,6 +269,10 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024):
 def build_model(recipe, data=None):
     """Builds the recipe's zoo model; `input_shape`/`num_classes` come from `data` if unset.
 
+    A DeepMoE model whose recipe steers lambda to a density (`gate_density_target` in a
+    phase) gets its gate heads spread (`keras_moe.training.deepmoe.spread_gate_heads`:
+    W_g ~ U(0, 2)), without which every gate of a layer closes at the same step.
+
     Raises:
         RecipeError: The recipe sets an `input_shape` or `num_classes` that the data
             contradicts, or the builder rejects an argument (its message is kept).
@@ -293,9 +297,15 @@ def build_model(recipe, data=None):
     if "input_shape" in kwargs:
         kwargs["input_shape"] = tuple(kwargs["input_shape"])
     try:
-        return builder(**kwargs)
+        model = builder(**kwargs)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"{recipe.source} [model] {recipe.model.name}: {error}") from error
+    if _is_deepmoe(model) and any(p.gate_density_target is not None for p in recipe.phases):
+        # The density controller needs gates that close one by one, not all together.
+        from keras_moe.training.deepmoe import spread_gate_heads
+
+        spread_gate_heads(model)
+    return model
 
 
 def make_optimizer(recipe, steps_per_epoch):
