@@ -10,6 +10,16 @@ absolute times.
 
     python benchmarks/moe_dense.py                 # the issue's sizes
     python benchmarks/moe_dense.py --experts 4 64 --reps 5
+
+Every candidate runs under the same TensorFlow settings (default thread pools: as many
+intra- and inter-op threads as CPUs). With 64 experts each stacked expert weight is
+exactly 32 MiB, and so is its gradient: glibc's malloc serves every block of that size
+with a fresh mmap, so each training step page-faults 64 MiB of new gradient memory in
+(~17,000 faults, ~50 ms of CPU time on the 2-core machine) that smaller tensors, and the
+floor's, never pay. TensorFlow's own pooling
+allocator avoids it; to measure without that cost, for every candidate alike:
+
+    TF_CPU_ALLOCATOR_USE_BFC=true python benchmarks/moe_dense.py
 """
 
 import argparse
@@ -110,7 +120,8 @@ def main():
         f"tokens {args.tokens}, d {args.dim}, expert hidden {args.hidden}, k {args.k}; "
         f"floor = dense FFN over {args.k * args.tokens} assignments: "
         f"forward {floor_f * 1e3:.1f} ms, train step {floor_t * 1e3:.1f} ms "
-        f"(median of {args.reps}, TensorFlow {tf.__version__}, {os.cpu_count()} CPUs)"
+        f"(median of {args.reps}, TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, "
+        f"TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC', 'unset')})"
     )
     print()
     print("| experts | dispatch | forward ms | forward / floor | train step ms | train / floor |")

@@ -298,23 +298,24 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             None if self.bias is None else self.bias[:, None, :],
         )
 
-    def _per_expert(self, expert_inputs):
-        """List of (n_e, features) -> list of (n_e, units), one matmul per expert."""
-        count = self.num_experts
+    def _grouped_experts(self, expert_inputs, tokens_per_expert):
+        """(n, features) rows sorted by expert -> (n, units), each row through its expert."""
+        dtype = expert_inputs.dtype
 
-        def unstack(weight):
-            return [None] * count if weight is None else ops.unstack(weight, count, axis=0)
+        def cast(weight):
+            return None if weight is None else ops.cast(weight, dtype)
 
-        hidden_kernels = unstack(getattr(self, "hidden_kernel", None))
-        hidden_biases = unstack(getattr(self, "hidden_bias", None))
-        kernels = unstack(self.kernel)
-        biases = unstack(self.bias)
-        return [
-            self._expert(x, hk, hb, k, b)
-            for x, hk, hb, k, b in zip(
-                expert_inputs, hidden_kernels, hidden_biases, kernels, biases
-            )
-        ]
+        layers = []
+        if self.expert_hidden_units is not None:
+            layers.append((cast(self.hidden_kernel), cast(self.hidden_bias)))
+        layers.append((cast(self.kernel), cast(self.bias)))
+        outputs = dispatch_lib.grouped_ffn(
+            expert_inputs,
+            tokens_per_expert,
+            layers,
+            hidden_activation=self.expert_hidden_activation,
+        )
+        return self.activation(outputs)
 
     # Eigen's assignment constraint ----------------------------------------------------
 
@@ -384,7 +385,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             top_k_indices, top_k_gates = self._top_k_assignments(gate_outputs)
             if self.dispatch == "sparse":
                 outputs = dispatch_lib.sparse_dispatch(
-                    tokens, top_k_indices, top_k_gates, self.num_experts, self._per_expert
+                    tokens, top_k_indices, top_k_gates, self.num_experts, self._grouped_experts
                 )
             else:
                 static_tokens = tokens.shape[0]
