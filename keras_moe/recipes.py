@@ -56,6 +56,8 @@ epochs = 6
 # assignment_constraint = false Eigen et al.'s running-assignment constraint on/off
 # gate_density_target = 0.5     DeepMoE: steer lambda to this open-gate fraction (this
 #                               phase; the model's gate heads then start spread, W_g ~ U(0, 2))
+# tsne_map_epochs = 30          t-SNE MoE: first fit the map for this many epochs, place the
+#                               experts at k-means centres of the mapped training images
 ```
 
 Validation happens in `Recipe.from_dict` (structure, types, ranges) and in
@@ -255,6 +257,7 @@ class Phase:
     embedding_loss_weight: object = None
     assignment_constraint: object = None
     gate_density_target: object = None
+    tsne_map_epochs: object = None
 
 
 _RECIPE_KEYS = {"name": ((str,), None), "description": ((str,), ""), "paper": ((str,), ""),
@@ -271,7 +274,8 @@ _PHASE_KEYS = {"name": ((str,), None), "epochs": ((int,), None),
                "freeze_gating": ((bool,), None), "gate_l1": ((float,), None),
                "embedding_loss_weight": ((float,), None),
                "assignment_constraint": ((bool,), None),
-               "gate_density_target": ((float,), None)}
+               "gate_density_target": ((float,), None),
+               "tsne_map_epochs": ((int,), None)}
 _SECTIONS = ("recipe", "model", "losses", "data", "optimizer", "schedule", "phases")
 
 
@@ -375,6 +379,9 @@ class Recipe:
             for key in ("gate_l1", "embedding_loss_weight"):
                 _check(values[key] is None or values[key] >= 0,
                        f"{where} [[phases]] #{index}: {key} must be >= 0, got {values[key]}")
+            _check(values["tsne_map_epochs"] is None or values["tsne_map_epochs"] >= 1,
+                   f"{where} [[phases]] #{index}: tsne_map_epochs must be >= 1, got "
+                   f"{values['tsne_map_epochs']}")
             target = values["gate_density_target"]
             _check(target is None or 0 < target < 1,
                    f"{where} [[phases]] #{index}: gate_density_target must be in (0, 1), "

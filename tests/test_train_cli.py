@@ -290,3 +290,108 @@ epochs = 2
     for a, b in zip(one.model.get_weights(), two.model.get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
+
+
+def test_tsne_phase_fits_the_map_then_places_the_experts_on_it(tmp_path):
+    from keras_moe.layers.tsne_gate import TSNEGate, nearest_neighbour_sq_distance
+
+    text = """
+[model]
+name = "tsne_moe"
+num_experts = 4
+top_k = 2
+expert_units = 4
+map_hidden_units = [8]
+perplexity = 5.0
+
+[data]
+dataset = "fashion_mnist"
+batch_size = 64
+train_size = 256
+test_size = 64
+normalize = "none"
+
+[[phases]]
+epochs = 1
+tsne_map_epochs = 2
+"""
+    recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
+    keras.utils.set_random_seed(0)
+    data = runner.build_datasets(recipe)
+    model = runner.build_model(recipe, data)
+    runner.compile_model(model, recipe, data.steps_per_epoch)
+    gate = next(layer for layer in model.layers if isinstance(layer, TSNEGate))
+    before = [w.copy() for w in gate.mapping.get_weights()]
+    runner.apply_phase(model, recipe.phases[0], data=data)
+    after = gate.mapping.get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(before, after))  # the map was fitted
+    assert not gate.mapping.trainable  # and stays frozen for the classifier (the paper's)
+    features = keras.Model(model.inputs, gate.input).predict(data.train_inputs(), verbose=0)
+    points = keras.ops.convert_to_numpy(gate.mapping(features))
+    positions = keras.ops.convert_to_numpy(gate.positions)
+    # k-means centres: each expert sits at the mean of the mapped points nearest to it.
+    nearest = np.argmin(((points[:, None] - positions[None]) ** 2).sum(-1), axis=1)
+    for e in np.unique(nearest):
+        np.testing.assert_allclose(positions[e], points[nearest == e].mean(0), rtol=1e-3,
+                                   atol=1e-3)
+    assert gate.temperature == pytest.approx(nearest_neighbour_sq_distance(positions))
+    with pytest.raises(recipes.RecipeError, match="tsne_map_epochs must be >= 1"):
+        recipe.override(["phases.0.tsne_map_epochs=0"])
+
+
+def test_deepmoe_recipe_runs_procedure_1_and_reports_gates_and_effective_macs(tmp_path):
+    from keras_moe.analysis import flops
+    from keras_moe.analysis import report as report_lib
+    from keras_moe.training.deepmoe import gating_layers
+
+    text = """
+[model]
+name = "deepmoe_resnet_cifar"
+depth = 8
+width_multiplier = 0.25
+embedding_widths = [4, 4, 4, 4]
+
+[losses]
+gate_l1 = 0.5
+
+[data]
+dataset = "fashion_mnist"
+batch_size = 64
+train_size = 256
+test_size = 64
+pad_to = 32
+
+[optimizer]
+name = "sgd"
+learning_rate = 0.05
+momentum = 0.9
+
+[[phases]]
+name = "joint"
+epochs = 1
+gate_density_target = 0.6
+
+[[phases]]
+name = "finetune"
+epochs = 1
+freeze_gating = true
+gate_l1 = 0.0
+embedding_loss_weight = 0.0
+"""
+    recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
+    result = runner.train_recipe(recipe, tmp_path / "run", verbose=0)
+    model = result.model
+    assert [r["phase"] for r in result.history] == ["joint", "finetune"]
+    assert "gate_density" in result.history[0] and "gate_l1" in result.history[0]
+    assert model.gate_l1 == 0.0 and model.embedding_loss_weight == 0.0
+    assert gating_layers(model) and not any(layer.trainable for layer in gating_layers(model))
+    report = report_lib.make_report(model, result.data, result.history, recipe=recipe)
+    deep = report["deepmoe"]
+    assert deep["gate_density"] == pytest.approx(
+        flops.gate_density(model, result.data.probe, overall=True))
+    assert deep["effective_macs"] == pytest.approx(
+        flops.effective_flops(model, result.data.probe).total)
+    assert report["static_macs"] == flops.static_flops(model)
+    assert "DeepMoE gate density" in report_lib.format_report(report)
+    report_lib.plot_report(report, result.history, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 10_000

@@ -68,8 +68,15 @@ def make_report(model, data, history=(), *, recipe=None, seconds=None):
         "parameters": int(model.count_params()),
         "test": {k: float(v) for k, v in test.items()},
     }
+    from keras_moe.layers.expert_clusters import ExpertClusters
+    from keras_moe.layers.tsne_gate import TSNEGate
+
+    uncounted = (TSNEGate, ExpertClusters)  # static_flops does not count them
     try:
-        report["static_macs"] = int(flops.static_flops(model))
+        if any(isinstance(layer, uncounted) for layer in model._flatten_layers()):
+            report["static_macs"] = None
+        else:
+            report["static_macs"] = int(flops.static_flops(model))
     except (ValueError, TypeError):
         report["static_macs"] = None
     report["moe"] = {}
@@ -87,7 +94,7 @@ def make_report(model, data, history=(), *, recipe=None, seconds=None):
         report["deepmoe"] = {
             "gate_density": float(flops.gate_density(model, data.probe, overall=True)),
             "gate_density_per_layer": {k: float(v) for k, v in per_layer.items()},
-            "effective_macs": float(flops.effective_flops(model, data.probe)),
+            "effective_macs": float(flops.effective_flops(model, data.probe).total),
             "gate_l1": float(model.gate_l1),
             "embedding_loss_weight": float(model.embedding_loss_weight),
         }

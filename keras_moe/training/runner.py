@@ -117,6 +117,18 @@ class RecipeData:
     probe: object
     probe_labels: np.ndarray
     epoch_dataset: object = None
+    ordered_train: object = None
+
+    def train_inputs(self, limit=None):
+        """The first `limit` training inputs (all with None) as the model sees them, in
+        order and without augmentation, as numpy (a dict with extras)."""
+        import tensorflow as tf
+
+        if self.ordered_train is None:
+            raise ValueError("training inputs of a streamed data set are not kept in memory")
+        count = self.train_examples if limit is None else min(limit, self.train_examples)
+        batch = next(iter(self.ordered_train.take(count).batch(count)))[0]
+        return tf.nest.map_structure(lambda t: t.numpy(), batch)
 
     def train_epochs(self, start, end):
         import tensorflow as tf
@@ -129,7 +141,10 @@ def _in_memory(ds):
     """An unbatched `(features, label)` dataset as numpy arrays (features may be a dict)."""
     import tensorflow as tf
 
-    features, labels = next(iter(ds.batch(1 << 30)))
+    count = int(ds.cardinality().numpy())
+    if count < 0:
+        count = int(ds.reduce(0, lambda n, _: n + 1).numpy())
+    features, labels = next(iter(ds.batch(max(count, 1))))
     features = tf.nest.map_structure(lambda t: t.numpy(), features)
     return features, labels.numpy()
 
@@ -171,7 +186,7 @@ def _on_image(function, features, *args):
     return function(features, *args)
 
 
-def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024):
+def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024, drop_remainder=False):
     """The data of `recipe`: training epochs, batched test data, and what they hold.
 
     Training examples are the first `train_size` of the training split (all with 0),
@@ -180,6 +195,9 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024):
     `(seed, epoch, example)`. Test examples are the first `test_size` of the test split,
     in order. Images are normalised (`[data].normalize`), zero-padded and
     channel-tiled as `[data]` says.
+
+    `drop_remainder=True` drops each epoch's last partial training batch (static
+    shapes, for TPUs).
 
     Returns:
         A `RecipeData`; `probe` is the first `probe_size` test inputs as numpy (a dict
@@ -218,10 +236,12 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024):
         test = test.map(lambda f, y: (_on_image(shape, f), y))
         n_train = info["num_examples"] if not spec.train_size else spec.train_size
         n_test = int(test.reduce(0, lambda n, _: n + 1).numpy())
-        batched = train.batch(spec.batch_size)
+        batched = train.batch(spec.batch_size, drop_remainder=drop_remainder)
 
         def epoch_dataset(e):
             return batched
+
+        ordered_train = None
     else:
         train, info = raw("train", spec.train_size, shuffle=False, augment=False,
                           normalize="none")
@@ -236,10 +256,10 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024):
         labels = tf.constant(y_train)
         base_seed = tf.constant(seed, tf.int64)
 
-        def example(index, e):
+        def example(index, e, augmented=True):
             picked = tf.nest.map_structure(lambda t: tf.gather(t, index), features)
             picked = _on_image(transform, picked)
-            if augment:
+            if augment and augmented:
                 picked = _on_image(pipelines.cifar_augment, picked,
                                    tf.stack([base_seed * 1000003 + e, index]))
             return picked, tf.gather(labels, index)
@@ -250,7 +270,10 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024):
             return (tf.data.Dataset.from_tensor_slices(order)
                     .map(lambda i: example(i, e), num_parallel_calls=tf.data.AUTOTUNE,
                          deterministic=True)
-                    .batch(spec.batch_size))
+                    .batch(spec.batch_size, drop_remainder=drop_remainder))
+
+        ordered_train = tf.data.Dataset.range(n_train).map(
+            lambda i: example(i, tf.constant(0, tf.int64), augmented=False))
 
     features_spec = test.element_spec[0]
     image_spec = features_spec["image"] if isinstance(features_spec, dict) else features_spec
@@ -261,8 +284,10 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024):
         input_shape=tuple(int(d) for d in image_spec.shape),
         num_classes=int(info["num_classes"]), source=info["source"],
         train_examples=int(n_train), test_examples=n_test,
-        steps_per_epoch=_recipes.steps_per_epoch(n_train, spec.batch_size),
+        steps_per_epoch=(n_train // spec.batch_size if drop_remainder
+                         else _recipes.steps_per_epoch(n_train, spec.batch_size)),
         probe=probe, probe_labels=probe_batch[1].numpy(), epoch_dataset=epoch_dataset,
+        ordered_train=ordered_train,
     )
 
 
@@ -308,6 +333,21 @@ def build_model(recipe, data=None):
     return model
 
 
+def for_tpu(recipe):
+    """`recipe` made fit for `TPUStrategy`: XLA needs static shapes, so MoE layers use
+    capacity dispatch (`dispatch = "capacity"` for builders that take `dispatch` and do
+    not set it) and every batch is full (`build_datasets(..., drop_remainder=True)`)."""
+    import inspect
+
+    from keras_moe import zoo
+
+    builder = zoo.get_builder(recipe.model.name)
+    if "dispatch" in inspect.signature(builder).parameters and recipe.model.args.get(
+            "dispatch") is None:
+        recipe = recipe.override(['model.dispatch="capacity"'])
+    return recipe
+
+
 def make_optimizer(recipe, steps_per_epoch):
     """The recipe's optimizer, with its learning-rate schedule in optimizer steps."""
     spec, schedule = recipe.optimizer, recipe.schedule
@@ -351,7 +391,39 @@ def _is_deepmoe(model):
     return isinstance(model, DeepMoEModel)
 
 
-def apply_phase(model, phase, *, starting=True):
+def fit_tsne_map(model, data, epochs, *, batch_size=500, num_examples=10000, seed=0):
+    """The t-SNE-gated MoE's first step (paper 000): fits the model's t-SNE map on
+    the training inputs, places the experts at k-means centres of the mapped points
+    and sets the gate's temperature to the mean squared nearest-neighbour distance
+    between experts (`keras_moe.layers.tsne_gate.nearest_neighbour_sq_distance`).
+
+    Uses the first `num_examples` training inputs (the map's pairwise affinities are
+    computed per batch of `batch_size`). The map keeps its trainability (frozen for
+    `map_training="frozen"`, the paper's procedure).
+    """
+    from keras_moe.layers.tsne_gate import fit_parametric_tsne, nearest_neighbour_sq_distance
+
+    from keras_moe.layers.tsne_gate import TSNEGate
+
+    gate = next((layer for layer in model.layers if isinstance(layer, TSNEGate)), None)
+    if gate is None or gate.mapping is None:
+        raise RecipeError(
+            f"tsne_map_epochs applies to t-SNE-gated models (a TSNEGate with a map); "
+            f"{model.name!r} has none")
+    tsne_map = gate.mapping
+    features = keras.Model(model.inputs, gate.input).predict(
+        data.train_inputs(num_examples), batch_size=1000, verbose=0)
+    trainable = tsne_map.trainable
+    fit_parametric_tsne(tsne_map, features, batch_size=min(batch_size, len(features)),
+                        epochs=epochs, seed=seed, verbose=0)
+    tsne_map.trainable = trainable
+    points = keras.ops.convert_to_numpy(tsne_map(features))
+    positions = gate.init_positions(points, method="kmeans", seed=seed)
+    gate.temperature = float(nearest_neighbour_sq_distance(np.asarray(positions)))
+    return points
+
+
+def apply_phase(model, phase, *, starting=True, data=None):
     """Applies `phase`'s settings to `model`; recompiles if trainability or a loss changed.
 
     Args:
@@ -392,6 +464,11 @@ def apply_phase(model, phase, *, starting=True):
         if phase.assignment_constraint and starting:
             _phases.reset_assignment_totals(model)
         _phases.set_assignment_constraints(model, phase.assignment_constraint)
+    if phase.tsne_map_epochs and starting:
+        if data is None:
+            raise RecipeError(f"phase {phase.name!r}: tsne_map_epochs needs the data")
+        fit_tsne_map(model, data, phase.tsne_map_epochs)
+        recompile = True
     if recompile:
         _deepmoe.recompile(model)
     return model
@@ -428,10 +505,12 @@ class _GateDensityLogger(keras.callbacks.Callback):
         overall = flops.gate_density(self.model, self.probe, overall=True)
         if logs is not None:
             logs["gate_density"] = float(overall)
+            logs["gate_l1"] = float(self.model.gate_l1)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         with self._writer.as_default():
             tf.summary.scalar("gate_density/overall", overall, step=epoch)
+            tf.summary.scalar("gate_l1", float(self.model.gate_l1), step=epoch)
             for name, value in per_layer.items():
                 tf.summary.scalar(f"gate_density/{name}", float(value), step=epoch)
         self._writer.flush()
@@ -559,7 +638,10 @@ def train_recipe(recipe, run_dir, *, strategy=None, resume=False, data_dir=None,
         f.write(" ".join(shlex.quote(a) for a in (command or sys.argv)) + "\n")
     keras.utils.set_random_seed(seed)
     strategy = strategy or tf.distribute.get_strategy()
-    data = build_datasets(recipe, data_dir=data_dir, seed=seed)
+    on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+    if on_tpu:
+        recipe = for_tpu(recipe)
+    data = build_datasets(recipe, data_dir=data_dir, seed=seed, drop_remainder=on_tpu)
 
     checkpoints = run_dir / "checkpoints"
     finished = [i for i, p in enumerate(recipe.phases)
@@ -583,7 +665,7 @@ def train_recipe(recipe, run_dir, *, strategy=None, resume=False, data_dir=None,
         slug = _phase_slug(index, phase)
         backup = run_dir / "backup" / slug
         with strategy.scope():
-            apply_phase(model, phase, starting=not backup.exists())
+            apply_phase(model, phase, starting=not backup.exists(), data=data)
         # Everything that changes the model or the logs at an epoch's end runs before
         # the epoch's backup, and the history row is written before it too: a kill
         # between the two re-runs the epoch (read_history keeps the later row).
