@@ -32,7 +32,8 @@ stream's gates included), the paper's wide-DeepMoE operating point ("half of the
 convolutional channels are selected at inference"). A trained model varies its open set
 by image; the cost of one image depends only on how many channels are open.
 
-Every model runs under `tf.function` (traced and warmed up before timing). Timings are
+Every model runs under `tf.function` (traced and warmed up before timing), all in one
+process under the same TensorFlow threading settings (printed in the header). Timings are
 medians over interleaved repetitions (each candidate timed once per round), so load on this
 shared machine hits all candidates alike; read the ratios rather than the absolute times.
 
@@ -148,7 +149,9 @@ def main():
     skip = times["wide-DeepMoE-56, skip path"]
     print(
         f"Batch-1 latency, 32x32x3, median of {args.latency_reps} interleaved rounds "
-        f"(TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs); "
+        f"(TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
+        f"intra-/inter-op threads {tf.config.threading.get_intra_op_parallelism_threads()}/"
+        f"{tf.config.threading.get_inter_op_parallelism_threads()} for all, 0 = default); "
         f"wide-DeepMoE-56 open channels {density:.1%} (mean over "
         f"{wide_moe.num_gated_layers} gated layers), skip path vs model(x) max |diff| "
         f"{max_error:.1e}"

@@ -186,3 +186,53 @@ def test_vgg_chains_through_max_pooling():
 def test_rejects_models_it_cannot_walk():
     with pytest.raises(ValueError, match="functional"):
         SkipChannelRunner(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_open_sets_of_varying_size_across_calls_one_trace_each():
+    """Serving: one image per call, a different open set (and size) each time."""
+    model = tiny(wide=True)
+    randomize_norms(model)
+    mixed_gates(model, seed=5)
+    runner = SkipChannelRunner(model)
+    x = images(6, seed=11)
+    counts = set()
+    for i in range(6):
+        image = x[i:i + 1]
+        assert_matches(model, runner, image)
+        counts.add(sum(int((np.asarray(g) > 0).sum()) for g in model.network(image)["gates"]))
+        shapes = runner.kernel_shapes(image)
+        np.testing.assert_allclose(  # all outputs, through the second trace
+            np.asarray(runner.outputs(image)["logits"]), np.asarray(model(image)),
+            rtol=RTOL, atol=ATOL,
+        )
+        assert all(len(s) == 4 for s in shapes.values())
+    assert len(counts) > 1  # the number of open channels changed between calls
+    assert runner._forward.experimental_get_tracing_count() == 1
+    assert runner._forward_all.experimental_get_tracing_count() == 1
+
+
+def test_embedding_and_classifier_are_snapshotted_with_norms_folded():
+    model = tiny(wide=True)
+    randomize_norms(model)
+    embedding = model.network.get_layer("embedding")
+    rng = np.random.default_rng(4)
+    for norm in embedding.norms:  # non-trivial statistics inside the embedding too
+        n = norm.moving_mean.shape[0]
+        norm.moving_mean.assign(rng.normal(0, 0.5, n).astype("float32"))
+        norm.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype("float32"))
+        norm.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+        norm.beta.assign(rng.normal(0, 0.5, n).astype("float32"))
+    close_gates(model)
+    runner = SkipChannelRunner(model)
+    snapshotted = {type(s).__name__ for s in runner._snapshots.values()}
+    assert snapshotted == {"_Embedding", "_Dense"}
+    x = images(3, seed=9)
+    assert_matches(model, runner, x[:1])
+    assert_matches(model, runner, x)
+    got, want = runner.outputs(x), model.network(x)
+    np.testing.assert_allclose(
+        np.asarray(got["embedding_logits"]), np.asarray(want["embedding_logits"]),
+        rtol=1e-5, atol=1e-5,
+    )
+    for g, w in zip(got["gates"], want["gates"]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)

@@ -44,14 +44,25 @@ Choices:
   group come from one `tf.where` and one `tf.split`, not one per layer: at batch 1 on a
   CPU the cost of a CIFAR ResNet is dominated by per-op overhead, so op count matters as
   much as multiply-adds.
-- Weights are snapshotted as constants when the runner is built, with every batch norm
-  that alone reads a linear convolution folded into it (the usual inference
-  transformation, also applied to the ungated stem and shortcut convolutions). Build a
+- Weights are snapshotted when the runner is built, with every batch norm that alone
+  reads a linear convolution folded into it (the usual inference transformation, also
+  applied to the ungated stem and shortcut convolutions), and become constants of the
+  traced graph (not captured inputs of every call: at batch 1 that per-call cost is
+  measurable). The `ShallowEmbedding` (its batch norms folded into its convolutions)
+  and plain `Dense` layers (the classifier) are snapshotted the same way, so the
+  embedding runs as a handful of fused ops instead of the Keras layers' dozens. Build a
   new runner after changing the model's weights.
+- Op count: each head group also yields, per head, the open gates' values already shaped
+  to scale activations, `(batch, 1, 1, open)`, and the gates as `(batch, channels, 1)`
+  columns for the selection matrices, each from one op for all heads; so a gated
+  convolution costs its kernel gathers, one scaling (or selection) and the convolution.
+  `__call__` runs a trace that returns the logits only; `outputs` one that returns all.
 - A convolution reading an unreduced tensor (the residual stream) selects and scales its
   open input channels with one batched matrix product by a 0/1 selection matrix times
   the gates (`skip_stream_inputs=True`, the default): `tf.gather` along the channel axis
-  is several times slower on CPU. With `skip_stream_inputs=False` it reads every stream
+  copies one element at a time and measured slower on CPU (as does gathering a kernel's
+  output channels, its last axis; storing kernels output-major and transposing after
+  the gather measured slower still, so kernels keep TensorFlow's HWIO layout). With `skip_stream_inputs=False` it reads every stream
   channel (closed ones multiplied by 0): no selection, no input saving for those
   convolutions; the output saving stays. `benchmarks/deepmoe.py` times both.
 - A layer whose gates are all closed keeps one channel (index 0, gate value 0): its
@@ -76,7 +87,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_moe.layers.gated_conv import GatedConv2D
+from keras_moe.layers.gated_conv import GatedConv2D, ShallowEmbedding
 from keras_moe.layers.gates import ReLUGate
 
 _ELEMENTWISE_ACTIVATIONS = frozenset(
@@ -90,6 +101,15 @@ _ELEMENTWISE_ACTIVATIONS = frozenset(
 
 def _numpy(weight):
     return np.asarray(keras.ops.convert_to_numpy(weight), "float64")
+
+
+def _const(array, dtype):
+    """A snapshot as a constant: a graph constant when traced (not a captured input)."""
+    return tf.constant(array, dtype)
+
+
+def _cast(x, dtype):
+    return x if x.dtype == dtype else tf.cast(x, dtype)
 
 
 def _activation_is_elementwise(activation):
@@ -159,8 +179,9 @@ class _Conv:
             kernel = kernel * scale
             bias = shift if bias is None else bias * scale + shift
         self.dtype = op.compute_dtype
-        self.kernel = tf.constant(kernel, self.dtype)
-        self.bias = None if bias is None else tf.constant(bias, self.dtype)
+        # NumPy snapshots, made graph constants when traced (not captured inputs).
+        self.kernel = kernel.astype("float32")
+        self.bias = None if bias is None else bias.astype("float32")
         self.in_channels = kernel.shape[2]
         self.strides = (1,) + tuple(op.strides) + (1,)
         self.padding = op.padding.upper()
@@ -171,22 +192,101 @@ class _Conv:
         self.out_gate = None
         self.input_reduced = False
 
-    def __call__(self, x, in_idx=None, out_idx=None, shapes=None):
-        kernel = self.kernel
+    def weights(self, in_idx=None, out_idx=None):
+        """The kernel and bias (or None) sliced to the given input and output channels."""
+        kernel = _const(self.kernel, self.dtype)
         if in_idx is not None:
             kernel = tf.gather(kernel, in_idx, axis=2)
         if out_idx is not None:
             kernel = tf.gather(kernel, out_idx, axis=3)
-        if shapes is not None:
-            shapes[self.node.operation.name] = tuple(int(d) for d in kernel.shape)
+        bias = None
+        if self.bias is not None:
+            bias = _const(self.bias, self.dtype)
+            if out_idx is not None:
+                bias = tf.gather(bias, out_idx)
+        return kernel, bias
+
+    def __call__(self, x, weights):
+        kernel, bias = weights
         outputs = tf.nn.conv2d(
-            tf.cast(x, self.dtype), kernel, strides=self.strides, padding=self.padding,
+            _cast(x, self.dtype), kernel, strides=self.strides, padding=self.padding,
             dilations=self.dilations,
         )
-        if self.bias is not None:
-            bias = self.bias if out_idx is None else tf.gather(self.bias, out_idx)
+        if bias is not None:
             outputs = tf.nn.bias_add(outputs, bias)
         return outputs if self.activation is None else self.activation(outputs)
+
+
+class _Dense:
+    """A plain `Dense` layer on a rank-2 input, its weights snapshotted as constants."""
+
+    def __init__(self, op):
+        self.dtype = op.compute_dtype
+        self.kernel = _numpy(op.kernel).astype("float32")
+        self.bias = _numpy(op.bias).astype("float32") if op.use_bias else None
+        self.activation = None if op.activation is keras.activations.linear else op.activation
+
+    def __call__(self, x):
+        outputs = tf.matmul(_cast(x, self.dtype), _const(self.kernel, self.dtype))
+        if self.bias is not None:
+            outputs = tf.nn.bias_add(outputs, _const(self.bias, self.dtype))
+        return outputs if self.activation is None else self.activation(outputs)
+
+
+def _is_snapshot_dense(op):
+    return (
+        type(op) is keras.layers.Dense
+        and op.lora_rank is None
+        and op.quantization_mode is None
+        and _activation_is_elementwise(op.activation)
+        and len(op.input.shape) == 2
+    )
+
+
+class _Embedding:
+    """A `ShallowEmbedding` with its batch norms folded into its convolutions."""
+
+    def __init__(self, op):
+        self.dtype = op.compute_dtype
+        self.convs = []
+        for conv, norm in zip(op.convs, op.norms):
+            scale = 1.0 / np.sqrt(_numpy(norm.moving_variance) + norm.epsilon)
+            if norm.scale:
+                scale = scale * _numpy(norm.gamma)
+            shift = -_numpy(norm.moving_mean) * scale
+            if norm.center:
+                shift = shift + _numpy(norm.beta)
+            kernel = _numpy(conv.kernel) * scale
+            if conv.use_bias:
+                shift = shift + _numpy(conv.bias) * scale
+            self.convs.append(
+                (kernel.astype("float32"), shift.astype("float32"), (1,) + tuple(conv.strides) + (1,),
+                 conv.padding.upper())
+            )
+        self.dense = _Dense(op.dense)
+
+    @staticmethod
+    def supports(op):
+        return (
+            type(op) is ShallowEmbedding
+            and all(_is_foldable_norm(n) for n in op.norms)
+            and all(
+                type(c) is keras.layers.Conv2D and c.data_format == "channels_last"
+                and c.groups == 1 and c.activation is keras.activations.linear
+                and tuple(c.dilation_rate) == (1, 1)
+                for c in op.convs
+            )
+            and op.dense.lora_rank is None
+            and op.dense.quantization_mode is None
+        )
+
+    def __call__(self, images):
+        x = _cast(images, self.dtype)
+        for kernel, bias, strides, padding in self.convs:
+            x = tf.nn.conv2d(x, _const(kernel, self.dtype), strides=strides, padding=padding)
+            x = tf.nn.relu(tf.nn.bias_add(x, _const(bias, self.dtype)))
+        logits = self.dense(_cast(tf.reduce_mean(x, axis=(1, 2)), "float32"))
+        return {"probs": tf.nn.softmax(logits, axis=-1), "logits": logits}
 
 
 class _GateGroup:
@@ -200,18 +300,17 @@ class _GateGroup:
             for n, k in zip(nodes, kernels)
         ]
         self.sizes = [k.shape[1] for k in kernels]
-        self.kernel = tf.constant(np.concatenate(kernels, axis=1), "float32")
-        self.bias = tf.constant(np.concatenate(biases), "float32")
+        self.kernel = np.concatenate(kernels, axis=1).astype("float32")
+        self.bias = np.concatenate(biases).astype("float32")
         self.use_bias = any(n.operation.use_bias for n in nodes)
-        segments = np.repeat(np.arange(len(nodes)), self.sizes)
-        self.segments = tf.constant(segments, "int32")
-        self.local = tf.constant(np.concatenate([np.arange(n) for n in self.sizes]), "int32")
-        self.first = tf.constant(self.local.numpy() == 0)
+        self.segments = np.repeat(np.arange(len(nodes)), self.sizes).astype("int32")
+        self.local = np.concatenate([np.arange(n) for n in self.sizes]).astype("int32")
+        self.first = self.local == 0
 
-    def __call__(self, inputs, values, open_sets):
-        logits = tf.matmul(tf.cast(inputs, "float32"), self.kernel)
+    def __call__(self, inputs, values, open_sets, column_sets):
+        logits = tf.matmul(_cast(inputs, "float32"), _const(self.kernel, 'float32'))
         if self.use_bias:
-            logits = logits + self.bias
+            logits = tf.nn.bias_add(logits, _const(self.bias, 'float32'))
         gates = tf.nn.relu(logits)
         # Open channels of every head at once (union over the batch; a head with none
         # open keeps its first channel), split into one index vector per head.
@@ -222,18 +321,26 @@ class _GateGroup:
             tf.logical_and(self.first, tf.logical_not(tf.gather(head_open, self.segments))),
         )
         counts = tf.math.segment_sum(tf.cast(keep, "int32"), self.segments)
-        local = tf.gather(self.local, tf.where(keep)[:, 0])
+        positions = tf.where(keep)[:, 0]
+        local = tf.gather(self.local, positions)
         indices = tf.split(local, counts, num=len(self.nodes))
+        # The open gates' values, shaped to scale channels-last activations, per head.
+        open_gates = tf.reshape(tf.gather(gates, positions, axis=1), (-1, 1, 1, tf.size(local)))
+        open_gates = tf.split(open_gates, counts, axis=3, num=len(self.nodes))
+        columns = tf.split(gates[:, :, None], self.sizes, axis=1)  # (batch, channels, 1)
+        masks = tf.split(tf.cast(gates > 0, "float32"), self.sizes, axis=-1)
         pieces = zip(
             self.nodes, tf.split(logits, self.sizes, axis=-1),
-            tf.split(gates, self.sizes, axis=-1), indices,
+            tf.split(gates, self.sizes, axis=-1), masks, indices, open_gates, columns,
         )
-        for node, logit, gate, idx in pieces:
-            out = {"gates": gate, "logits": logit, "dispatch_mask": tf.cast(gate > 0, "float32")}
+        for node, logit, gate, mask, idx, open_gate, column in pieces:
+            out = {"gates": gate, "logits": logit, "dispatch_mask": mask}
             keys = keras.tree.flatten({key: key for key in out})  # ReLUGate's output order
             for tensor, key in zip(node.outputs, keys):
                 values[id(tensor)] = out[key]
-            open_sets[id(node.outputs[keys.index("gates")])] = idx
+            gate_t = node.outputs[keys.index("gates")]
+            open_sets[id(gate_t)] = (idx, open_gate)
+            column_sets[id(gate_t)] = column
 
 
 class SkipChannelRunner:
@@ -298,7 +405,13 @@ class SkipChannelRunner:
         self._input = network.inputs[0]
         self._plan(nodes_by_depth)
         spec = tf.TensorSpec((None,) + tuple(self._input.shape[1:]), self._input.dtype)
+        # Two traces, each once for every batch size and open set: the logits alone (the
+        # serving call: one output tensor per call) and all of the network's outputs.
         self._forward = tf.function(
+            lambda images: self._logits(self._run(images)), input_signature=[spec],
+            autograph=False,
+        )
+        self._forward_all = tf.function(
             lambda images: self._run(images), input_signature=[spec], autograph=False
         )
 
@@ -405,6 +518,14 @@ class SkipChannelRunner:
         ]
         self._convs = convs
         self._aliases = aliases
+        # 4. Other layers with weights snapshotted as constants (fewer ops per call).
+        self._snapshots = {}
+        for node in nodes:
+            op = node.operation
+            if _Embedding.supports(op) and _single_tensor_input(node) is not None:
+                self._snapshots[id(node)] = _Embedding(op)
+            elif _is_snapshot_dense(op) and _single_tensor_input(node) is not None:
+                self._snapshots[id(node)] = _Dense(op)
         self.reduced_layers = [c.node.operation.name for c in convs.values()
                                if c.out_gate is not None]
         self.folded_norms = [n.operation.name for n in nodes if id(n) in aliases]
@@ -414,16 +535,48 @@ class SkipChannelRunner:
     def _run(self, images, shapes=None):
         values = {id(self._input): images}
         open_sets = {}
+        column_sets = {}  # filled by _GateGroup for its heads, else on demand
 
-        def open_indices(gate_t):  # for gates not computed by a _GateGroup
-            if id(gate_t) not in open_sets:
-                is_open = tf.reduce_any(values[id(gate_t)] > 0, axis=0)
+        def open_set(gate_t):
+            """(open channel indices, their gates as (batch, 1, 1, open)) of a gate tensor."""
+            if id(gate_t) not in open_sets:  # a gate not computed by a _GateGroup
+                gates = values[id(gate_t)]
+                is_open = tf.reduce_any(gates > 0, axis=0)
                 first = tf.equal(tf.range(tf.shape(is_open)[0]), 0)
                 keep = tf.logical_or(
                     is_open, tf.logical_and(tf.logical_not(tf.reduce_any(is_open)), first)
                 )
-                open_sets[id(gate_t)] = tf.where(keep)[:, 0]
+                idx = tf.where(keep)[:, 0]
+                open_sets[id(gate_t)] = (idx, tf.gather(gates, idx, axis=1)[:, None, None, :])
             return open_sets[id(gate_t)]
+
+        weights = {}
+        shapes_by_size = {}
+
+        def map_shape(height, width):  # (batch, height, width, -1), one tensor per size
+            if (height, width) not in shapes_by_size:
+                batch = tf.shape(images)[:1]
+                shapes_by_size[(height, width)] = tf.concat([batch, [height, width, -1]], 0)
+            return shapes_by_size[(height, width)]
+
+        def column_gates(gate_t):  # a gate tensor as (batch, channels, 1)
+            if id(gate_t) not in column_sets:
+                column_sets[id(gate_t)] = values[id(gate_t)][:, :, None]
+            return column_sets[id(gate_t)]
+
+
+        def conv_weights(conv):  # the kernel (and bias) sliced to the open channels
+            if id(conv.node) not in weights:
+                in_idx = None
+                if conv.gated and (conv.input_reduced or self.skip_stream_inputs):
+                    in_idx = open_set(conv.in_gate)[0]
+                out_idx = None if conv.out_gate is None else open_set(conv.out_gate)[0]
+                weights[id(conv.node)] = conv.weights(in_idx, out_idx)
+                if shapes is not None:
+                    shapes[conv.node.operation.name] = tuple(
+                        int(d) for d in weights[id(conv.node)][0].shape
+                    )
+            return weights[id(conv.node)]
 
         for node in self._nodes:
             op = node.operation
@@ -431,36 +584,43 @@ class SkipChannelRunner:
             if id(node) in self._groups:
                 group = self._groups[id(node)]
                 if group is not None:
-                    group(values[id(_single_tensor_input(group.nodes[0]))], values, open_sets)
+                    group(
+                        values[id(_single_tensor_input(group.nodes[0]))], values, open_sets,
+                        column_sets,
+                    )
             elif id(node) in self._aliases:  # a batch norm folded into its convolution
                 values[id(out_t)] = values[id(_single_tensor_input(node))]
             elif id(node) in self._convs:
                 conv = self._convs[id(node)]
-                out_idx = None if conv.out_gate is None else open_indices(conv.out_gate)
                 if not conv.gated:
                     x = values[id(_single_tensor_input(node))]
-                    values[id(out_t)] = conv(x, None, out_idx, shapes)
+                    values[id(out_t)] = conv(x, conv_weights(conv))
                     continue
                 x_t, gate_t = _gated_conv_inputs(node)
-                x, gates = values[id(x_t)], tf.cast(values[id(gate_t)], conv.dtype)
-                x = tf.cast(x, conv.dtype)
-                in_idx = None
-                if conv.input_reduced:
-                    in_idx = open_indices(gate_t)
-                    x = x * tf.gather(gates, in_idx, axis=1)[:, None, None, :]
+                x = _cast(values[id(x_t)], conv.dtype)
+                if conv.input_reduced:  # x holds the open channels only, in order
+                    x = x * _cast(open_set(gate_t)[1], conv.dtype)
                 elif self.skip_stream_inputs:
-                    # Select and scale the open channels with one matrix product.
-                    in_idx = open_indices(gate_t)
+                    # Select and scale the open channels with one batched matrix product
+                    # by (0/1 selection matrix) x (gates): faster than tf.gather along
+                    # the channel axis, which copies one element at a time.
+                    in_idx = open_set(gate_t)[0]
                     height, width = x.shape[1], x.shape[2]
                     select = tf.one_hot(in_idx, conv.in_channels, axis=0, dtype=conv.dtype)
-                    select = select[None] * gates[:, :, None]
+                    select = select * _cast(column_gates(gate_t), conv.dtype)
                     x = tf.matmul(tf.reshape(x, (-1, height * width, conv.in_channels)), select)
-                    x = tf.reshape(
-                        x, tf.concat([[-1, height, width], tf.shape(in_idx)], axis=0)
-                    )
+                    x = tf.reshape(x, map_shape(height, width))
                 else:
-                    x = x * gates[:, None, None, :]
-                values[id(out_t)] = conv(x, in_idx, out_idx, shapes)
+                    x = x * _cast(values[id(gate_t)], conv.dtype)[:, None, None, :]
+                values[id(out_t)] = conv(x, conv_weights(conv))
+            elif id(node) in self._snapshots:
+                result = self._snapshots[id(node)](values[id(_single_tensor_input(node))])
+                if isinstance(result, dict):
+                    keys = keras.tree.flatten({key: key for key in result})
+                    for tensor, key in zip(node.outputs, keys):
+                        values[id(tensor)] = result[key]
+                else:
+                    values[id(out_t)] = result
             else:
                 args, kwargs = node.arguments.fill_in(values)
                 if isinstance(op, keras.layers.Layer):
@@ -480,7 +640,7 @@ class SkipChannelRunner:
         Returns:
             The network's outputs in its output structure (tensors).
         """
-        return self._forward(tf.convert_to_tensor(images, dtype=self._input.dtype))
+        return self._forward_all(tf.convert_to_tensor(images, dtype=self._input.dtype))
 
     def kernel_shapes(self, images):
         """The kernel slices the skip path uses for `images` (runs eagerly, for analysis).
@@ -497,10 +657,13 @@ class SkipChannelRunner:
         self._run(tf.convert_to_tensor(images, dtype=self._input.dtype), shapes)
         return shapes
 
+    @staticmethod
+    def _logits(outputs):
+        return outputs["logits"] if isinstance(outputs, dict) else outputs
+
     def __call__(self, images):
         """Logits `(batch, num_classes)` of `images` (a tensor), closed channels skipped."""
-        outputs = self.outputs(images)
-        return outputs["logits"] if isinstance(outputs, dict) else outputs
+        return self._forward(tf.convert_to_tensor(images, dtype=self._input.dtype))
 
 
 def compile_skip_inference(model, skip_stream_inputs=True):
