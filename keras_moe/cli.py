@@ -153,15 +153,11 @@ def resolve_recipe(target, args):
 
 
 def _strategy(name):
+    """`get_strategy(name)`, its errors (unknown name, malformed `TF_CONFIG`, no TPU) as
+    usage errors. `"multi_worker"` trains with `fit_distributed` (see
+    `keras_moe.training.runner`), and must be created before any other TensorFlow op."""
     from keras_moe.distribute import get_strategy
 
-    if name == "multi_worker":
-        raise UsageError(
-            "--strategy multi_worker is not available for `keras-moe train`: Keras 3.15's "
-            "model.fit fails under MultiWorkerMirroredStrategy before its first step (see "
-            "keras_moe.distribute). Use --strategy mirrored on one machine, or a custom "
-            "training loop over get_strategy('multi_worker') as "
-            "tests/_workers/two_domain_training.py does.")
     try:
         return get_strategy(name)
     except (ValueError, RuntimeError) as error:
@@ -198,17 +194,26 @@ def _train(args):
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out, the run directory to continue")
+    # First: MultiWorkerMirroredStrategy must be created before any other TensorFlow op.
+    strategy = _strategy(args.strategy)
     recipe = None if args.resume else resolve_recipe(args.target, args)
     out = pathlib.Path(args.out) if args.out else runner.default_run_dir(recipe)
     if args.deterministic:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    strategy = _strategy(args.strategy)
-    print(f"run directory: {out}")
+    chief = runner.is_chief(strategy)
+    if chief:
+        print(f"run directory: {out}")
+    else:
+        print(f"non-chief worker of a multi-worker run: the chief writes the run directory "
+              f"({out}); this worker's files go to a temporary directory")
     result = runner.train_recipe(
         recipe, out, strategy=strategy, resume=args.resume, data_dir=args.data_dir,
         seed=args.seed, verbose=args.verbose, command=["keras-moe"] + sys.argv[1:])
+    if not result.chief:
+        print("training finished; the chief writes the report and the SavedModel")
+        return 0
     model, data, history, recipe = result.model, result.data, result.history, result.recipe
     seconds = result.seconds
     report = report_lib.make_report(model, data, history, recipe=recipe, seconds=seconds)

@@ -13,15 +13,21 @@ Names:
 - `"multi_worker"`: `tf.distribute.MultiWorkerMirroredStrategy`; the cluster comes from
   the `TF_CONFIG` environment variable (every worker runs the same script with its own
   `task.index`). Create it at program start, before any other TensorFlow op.
-  Caveat: Keras 3.15's `model.fit` fails under this strategy before its first step
-  (two bugs in `keras/src/backend/tensorflow/trainer.py`: `_maybe_symbolic_build`
-  passes the `(x, y)` tuple of `PerReplica` values to `strategy.reduce`, and
-  `reduce_per_replica` reduces scalar logs with `axis=0`). Until Keras fixes them,
-  train with a custom loop: `strategy.run` of a step whose loss is the Keras loss
-  object's value (which divides by the replica count itself) plus
-  `keras_moe.regularizers.reduction.scale_for_replicas(sum(model.losses))`, as
-  `tests/_workers/two_domain_training.py` does; two workers then train exactly like
-  one device on the global batch (`tests/test_multi_worker.py`).
+  Caveat: Keras 3.15's `model.fit` (and `evaluate`, `predict`) fail under this
+  strategy before their first step (two bugs in
+  `keras/src/backend/tensorflow/trainer.py`: `_maybe_symbolic_build` passes the
+  `(x, y)` tuple of `PerReplica` values to `strategy.reduce`, and `reduce_per_replica`
+  reduces scalar logs with `axis=0`). Until Keras fixes them, train with a custom
+  loop: `keras_moe.training.custom_loop.fit_distributed(model, dataset, ...)` takes
+  the place of `model.fit` (callbacks, validation, exact global loss and accuracy),
+  and `keras-moe train --strategy multi_worker` (`train_recipe`) uses it, the chief
+  alone writing the run directory. Its step is `strategy.run` of Keras's loss (the
+  loss object's value, which divides by the replica count itself, plus
+  `model.losses` divided by it, as
+  `keras_moe.regularizers.reduction.scale_for_replicas(sum(model.losses))` does in
+  `tests/_workers/two_domain_training.py`); two workers then train exactly like one
+  device on the global batch (`tests/test_multi_worker.py`,
+  `tests/test_multi_worker_cli.py`).
 - `"tpu"`: `tf.distribute.TPUStrategy` on the TPU found by
   `TPUClusterResolver(tpu=...)`. TPUs compile with XLA and need static shapes: build
   MoE layers with `MoEDense(..., dispatch="capacity")` (fixed expert capacity; overflow

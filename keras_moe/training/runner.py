@@ -33,6 +33,19 @@ Choices:
   coefficient recompiles the model with the same optimizer instance, so its state and
   its iteration count (the learning-rate schedule) carry on, as in
   `train_deepmoe_two_phase` and `train_eigen_two_phase`.
+- Multi-worker (`strategy` a `tf.distribute.MultiWorkerMirroredStrategy`; every worker
+  runs the same command with its own `TF_CONFIG`): training runs
+  `keras_moe.training.custom_loop.fit_distributed` instead of `model.fit` (which fails
+  under that strategy in Keras 3.15). Only the chief (the `"chief"` task, else worker 0)
+  writes into `run_dir` and checks it (`prepare_run_dir`). Every other worker never
+  touches it: it runs the same callbacks into a temporary run directory of its own
+  (backups, logs, history, checkpoints, `model.keras`), deleted when `train_recipe`
+  returns; its `TrainResult.chief` is False (`keras-moe train` then writes no report).
+  With `resume`, a non-chief worker first checks the chief's run and copies its
+  `recipe.toml`, `backup/` and `checkpoints/` (so every worker restores the same
+  state: `run_dir` must then be on a file system all workers see). The model returned
+  is `model.keras` loaded outside the strategy, since Keras's `evaluate`/`predict`
+  fail under it too.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ import pathlib
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 
 import keras
@@ -599,13 +613,51 @@ def default_run_dir(recipe, root="runs"):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train_recipe` returns. `seconds` counts this process's training only."""
+    """What `train_recipe` returns. `seconds` counts this process's training only;
+    `chief` is False on a non-chief worker of a multi-worker run (which wrote nothing
+    into the run directory)."""
 
     model: object
     data: RecipeData
     history: list
     seconds: float
     recipe: object
+    chief: bool = True
+
+
+def is_chief(strategy):
+    """Whether this process writes the run directory: True except on the non-chief
+    workers of a `MultiWorkerMirroredStrategy` (the chief is the `"chief"` task if the
+    cluster has one, else worker 0; without `TF_CONFIG` the only worker)."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    resolver = strategy.cluster_resolver
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and "chief" not in cluster and not resolver.task_id
+
+
+def _worker_run_dir(run_dir, recipe, resume, strategy):
+    """A non-chief worker's temporary run directory (see the module docstring)."""
+    resolver = strategy.cluster_resolver
+    scratch = pathlib.Path(tempfile.mkdtemp(
+        prefix=f"keras-moe-{resolver.task_type}{resolver.task_id}-"))
+    local = scratch / "run"
+    if resume:
+        recipe = prepare_run_dir(run_dir, recipe, resume=True)  # reads the chief's run
+        local.mkdir()
+        # The chief changes none of these before every worker has built the model
+        # (variable creation is collective under this strategy).
+        for name in ("backup", "checkpoints"):
+            if (pathlib.Path(run_dir) / name).is_dir():
+                shutil.copytree(pathlib.Path(run_dir) / name, local / name)
+        shutil.copy2(pathlib.Path(run_dir) / "recipe.toml", local / "recipe.toml")
+    return scratch, local, recipe
 
 
 def train_recipe(recipe, run_dir, *, strategy=None, resume=False, data_dir=None, seed=0,
@@ -629,7 +681,27 @@ def train_recipe(recipe, run_dir, *, strategy=None, resume=False, data_dir=None,
     """
     import tensorflow as tf
 
+    strategy = strategy or tf.distribute.get_strategy()
+    if is_chief(strategy):
+        return _train_recipe(recipe, run_dir, strategy=strategy, resume=resume,
+                             data_dir=data_dir, seed=seed, verbose=verbose, command=command,
+                             extra_callbacks=extra_callbacks)
+    scratch, local, recipe = _worker_run_dir(run_dir, recipe, resume, strategy)
+    try:
+        result = _train_recipe(recipe, local, strategy=strategy, resume=resume,
+                               data_dir=data_dir, seed=seed, verbose=verbose,
+                               command=command, extra_callbacks=extra_callbacks)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return dataclasses.replace(result, chief=False)
+
+
+def _train_recipe(recipe, run_dir, *, strategy, resume, data_dir, seed, verbose, command,
+                  extra_callbacks):
+    import tensorflow as tf
+
     from keras_moe.training.callbacks import ExpertUtilizationMonitor, moe_layers
+    from keras_moe.training.custom_loop import fit_distributed
     from keras_moe.training.deepmoe import GateDensityTarget
 
     run_dir = pathlib.Path(run_dir)
@@ -637,7 +709,7 @@ def train_recipe(recipe, run_dir, *, strategy=None, resume=False, data_dir=None,
     with open(run_dir / "command.txt", "a") as f:
         f.write(" ".join(shlex.quote(a) for a in (command or sys.argv)) + "\n")
     keras.utils.set_random_seed(seed)
-    strategy = strategy or tf.distribute.get_strategy()
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
     if on_tpu:
         recipe = for_tpu(recipe)
@@ -687,15 +759,23 @@ def train_recipe(recipe, run_dir, *, strategy=None, resume=False, data_dir=None,
         if phase.epochs:
             resume_epoch = _backed_up_epoch(backup, first_epoch)
             last_epoch = first_epoch + phase.epochs
-            model.fit(data.train_epochs(resume_epoch, last_epoch),
-                      steps_per_epoch=data.steps_per_epoch, validation_data=data.test,
-                      initial_epoch=first_epoch, epochs=last_epoch, callbacks=callbacks,
-                      verbose=verbose, shuffle=False)  # shuffled per epoch above
+            if multi_worker:  # model.fit fails under this strategy (Keras 3.15)
+                fit_distributed(model, data.train_epochs(resume_epoch, last_epoch),
+                                strategy=strategy, steps_per_epoch=data.steps_per_epoch,
+                                validation_data=data.test, initial_epoch=first_epoch,
+                                epochs=last_epoch, callbacks=callbacks, verbose=verbose)
+            else:
+                model.fit(data.train_epochs(resume_epoch, last_epoch),
+                          steps_per_epoch=data.steps_per_epoch, validation_data=data.test,
+                          initial_epoch=first_epoch, epochs=last_epoch, callbacks=callbacks,
+                          verbose=verbose, shuffle=False)  # shuffled per epoch above
         checkpoints.mkdir(exist_ok=True)
         _save_atomically(model, checkpoints / f"{slug}.keras")
         shutil.rmtree(backup, ignore_errors=True)  # only once the phase's model is safe
     seconds = time.perf_counter() - start
     _save_atomically(model, run_dir / "model.keras")
+    if multi_worker:  # a model that Keras's evaluate and predict can use
+        model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     return TrainResult(model, data, read_history(run_dir), seconds, recipe)
 
 
