@@ -35,3 +35,52 @@ def mirrored_strategy():
     collective instance 100") whenever the two models' gradients differ in size.
     """
     return tf.distribute.MirroredStrategy(LOGICAL_CPUS[:2])
+
+
+def free_ports(count):
+    """`count` TCP ports on 127.0.0.1 that were free a moment ago (for TF_CONFIG)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+# A tiny two-domain MoE recipe (conv gate, entropy gate loss: no gate noise, so replicas
+# and workers must reproduce one device exactly), shared by the distribution tests.
+TINY_TWO_DOMAIN_RECIPE = """
+[recipe]
+name = "tiny_two_domain"
+description = "tiny two-domain MoE for the distribution tests"
+
+[model]
+name = "two_domain_moe"
+gate = "conv"
+expert_filters = 4
+expert_units = 6
+gate_filters = 3
+gate_units = 5
+
+[losses]
+gate_loss = "entropy"
+alpha = 0.3
+beta = 0.1
+
+[data]
+dataset = "two_domain"
+batch_size = 64
+train_size = 256
+test_size = 64
+
+[optimizer]
+name = "sgd"
+learning_rate = 0.05
+
+[[phases]]
+name = "train"
+epochs = 2
+"""

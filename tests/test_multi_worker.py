@@ -17,7 +17,6 @@ first checks against `model.fit` on one device.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ import tensorflow as tf
 
 from keras_moe.distribute import STRATEGIES, get_strategy
 
-from conftest import LOGICAL_CPUS
+from conftest import LOGICAL_CPUS, free_ports
 
 WORKERS = os.path.join(os.path.dirname(__file__), "_workers")
 sys.path.insert(0, WORKERS)
@@ -83,23 +82,13 @@ def test_mirrored_zoo_model_matches_one_device(gate_loss, mirrored_strategy):
     _assert_same_training(mirrored, single, initial)
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_two_worker_processes_match_one_process(tmp_path):
     x, y = training.make_data()
     initial = _initial_weights("entropy")
     data = tmp_path / "data.npz"
     np.savez(data, x=x, y=y, **{f"w{i}": w for i, w in enumerate(initial)})
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",

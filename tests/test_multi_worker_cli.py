@@ -10,7 +10,6 @@ the chief may write the run directory.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,50 +19,11 @@ import pytest
 
 from keras_moe.training import runner
 
-RECIPE = """
-[recipe]
-name = "tiny_two_domain"
-description = "tiny two-domain MoE for the multi-worker test"
+from conftest import TINY_TWO_DOMAIN_RECIPE, free_ports
 
-[model]
-name = "two_domain_moe"
-gate = "conv"
-expert_filters = 4
-expert_units = 6
-gate_filters = 3
-gate_units = 5
-
-[losses]
-gate_loss = "entropy"
-alpha = 0.3
-beta = 0.1
-
-[data]
-dataset = "two_domain"
-batch_size = 64
-train_size = 256
-test_size = 64
-
-[optimizer]
-name = "sgd"
-learning_rate = 0.05
-
-[[phases]]
-name = "train"
-epochs = 2
-"""
+RECIPE = TINY_TWO_DOMAIN_RECIPE
 
 TIMEOUT = 240
-
-
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _train(recipe, out, env):
@@ -83,7 +43,7 @@ def test_two_worker_cli_run_matches_one_process(tmp_path):
     worker_tmp.mkdir()
     base = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     base.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         env = dict(base, _STRATEGY="multi_worker", TMPDIR=str(worker_tmp),

@@ -15,6 +15,8 @@ import tensorflow as tf
 from keras_moe import cli, recipes
 from keras_moe.training import runner
 
+from conftest import TINY_TWO_DOMAIN_RECIPE
+
 TINY = """
 [recipe]
 name = "tiny_sparse"
@@ -254,33 +256,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_weights(tmp_path):
 def test_mirrored_run_matches_one_device(tmp_path, mirrored_strategy):
     """A zoo model with a gate loss (two-domain MoE, entropy loss) through train_recipe:
     two replicas give one device's losses and weights."""
-    text = """
-[model]
-name = "two_domain_moe"
-gate = "conv"
-expert_filters = 4
-expert_units = 6
-gate_filters = 3
-gate_units = 5
-
-[losses]
-gate_loss = "entropy"
-alpha = 0.3
-beta = 0.1
-
-[data]
-dataset = "two_domain"
-batch_size = 64
-train_size = 256
-test_size = 64
-
-[optimizer]
-name = "sgd"
-learning_rate = 0.05
-
-[[phases]]
-epochs = 2
-"""
+    text = TINY_TWO_DOMAIN_RECIPE
     recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
     one = runner.train_recipe(recipe, tmp_path / "one", verbose=0)
     two = runner.train_recipe(recipe, tmp_path / "two", verbose=0, strategy=mirrored_strategy)
