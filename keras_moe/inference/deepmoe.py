@@ -103,6 +103,18 @@ def _numpy(weight):
     return np.asarray(keras.ops.convert_to_numpy(weight), "float64")
 
 
+def _folded_norm(norm):
+    """Inference-mode batch norm as a per-channel affine map `y = z * scale + shift`
+    (`y = (z - mean) * gamma / sqrt(var + eps) + beta`), in numpy."""
+    scale = 1.0 / np.sqrt(_numpy(norm.moving_variance) + norm.epsilon)
+    if norm.scale:
+        scale = scale * _numpy(norm.gamma)
+    shift = -_numpy(norm.moving_mean) * scale
+    if norm.center:
+        shift = shift + _numpy(norm.beta)
+    return scale, shift
+
+
 def _const(array, dtype):
     """A snapshot as a constant: a graph constant when traced (not a captured input)."""
     return tf.constant(array, dtype)
@@ -169,13 +181,8 @@ class _Conv:
         self.activation = None
         if not self.gated and op.activation is not keras.activations.linear:
             self.activation = op.activation
-        if norm is not None:  # y = (z - mean) * gamma / sqrt(var + eps) + beta
-            scale = 1.0 / np.sqrt(_numpy(norm.moving_variance) + norm.epsilon)
-            if norm.scale:
-                scale = scale * _numpy(norm.gamma)
-            shift = -_numpy(norm.moving_mean) * scale
-            if norm.center:
-                shift = shift + _numpy(norm.beta)
+        if norm is not None:
+            scale, shift = _folded_norm(norm)
             kernel = kernel * scale
             bias = shift if bias is None else bias * scale + shift
         self.dtype = op.compute_dtype
@@ -250,12 +257,7 @@ class _Embedding:
         self.dtype = op.compute_dtype
         self.convs = []
         for conv, norm in zip(op.convs, op.norms):
-            scale = 1.0 / np.sqrt(_numpy(norm.moving_variance) + norm.epsilon)
-            if norm.scale:
-                scale = scale * _numpy(norm.gamma)
-            shift = -_numpy(norm.moving_mean) * scale
-            if norm.center:
-                shift = shift + _numpy(norm.beta)
+            scale, shift = _folded_norm(norm)
             kernel = _numpy(conv.kernel) * scale
             if conv.use_bias:
                 shift = shift + _numpy(conv.bias) * scale
