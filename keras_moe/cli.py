@@ -268,29 +268,26 @@ def _run_client(saved, batch, result_path, expected=None, tolerance=1e-5):
 
 
 def _load_trained(path):
+    """The model of a run directory or `.keras` file, and the run's recipe file (or None)."""
     import pathlib
 
-    from keras_moe import recipes
     from keras_moe.training import runner
 
     path = pathlib.Path(path)
     if not path.exists():
         raise UsageError(f"{str(path)!r} does not exist (give a run directory or a .keras file)")
-    recipe = None
-    if path.is_dir() and (path / "recipe.toml").exists():
-        recipe = recipes.load_recipe(path / "recipe.toml")
-    return runner.load_run_model(path), recipe
+    recipe_file = path / "recipe.toml" if path.is_dir() else None
+    if recipe_file is not None and not recipe_file.exists():
+        recipe_file = None
+    return runner.load_run_model(path), recipe_file
 
 
 def _evaluate(args):
     from keras_moe.analysis import report as report_lib
     from keras_moe.training import runner
 
-    model, recipe = _load_trained(args.run)
-    if recipe is None:
-        recipe = resolve_recipe(args.recipe or DEFAULT_RECIPE, args)
-    else:
-        recipe = resolve_recipe(str(args.run.rstrip("/")) + "/recipe.toml", args)
+    model, recipe_file = _load_trained(args.run)
+    recipe = resolve_recipe(str(recipe_file or args.recipe or DEFAULT_RECIPE), args)
     data = runner.build_datasets(recipe, data_dir=args.data_dir, seed=args.seed)
     if model.optimizer is None or not getattr(model, "compiled", True):
         runner.compile_model(model, recipe, data.steps_per_epoch)
@@ -333,7 +330,6 @@ def _predict(args):
 
     import numpy as np
 
-    from keras_moe import data as kdata
     from keras_moe import recipes
     from keras_moe.training import runner
 
@@ -355,7 +351,6 @@ def _predict(args):
         names = runner.class_names(recipe.data.dataset, data.num_classes, data.source)
         np.savez(batch, images=data.probe.astype("float32"), labels=data.probe_labels,
                  class_names=np.array(names))
-        del kdata
         return _run_client(saved, batch, pathlib.Path(tmp) / "result.json")
 
 

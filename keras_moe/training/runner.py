@@ -151,14 +151,19 @@ class RecipeData:
                 .prefetch(tf.data.AUTOTUNE))
 
 
+def _count(ds):
+    """Examples in an unbatched dataset: its cardinality when known (no pass over it)."""
+    count = int(ds.cardinality().numpy())
+    if count < 0:
+        count = int(ds.reduce(0, lambda n, _: n + 1).numpy())
+    return count
+
+
 def _in_memory(ds):
     """An unbatched `(features, label)` dataset as numpy arrays (features may be a dict)."""
     import tensorflow as tf
 
-    count = int(ds.cardinality().numpy())
-    if count < 0:
-        count = int(ds.reduce(0, lambda n, _: n + 1).numpy())
-    features, labels = next(iter(ds.batch(max(count, 1))))
+    features, labels = next(iter(ds.batch(max(_count(ds), 1))))
     features = tf.nest.map_structure(lambda t: t.numpy(), features)
     return features, labels.numpy()
 
@@ -249,7 +254,7 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024, drop_remai
         train = train.map(lambda f, y: (_on_image(shape, f), y))
         test = test.map(lambda f, y: (_on_image(shape, f), y))
         n_train = info["num_examples"] if not spec.train_size else spec.train_size
-        n_test = int(test.reduce(0, lambda n, _: n + 1).numpy())
+        n_test = _count(test)
         batched = train.batch(spec.batch_size, drop_remainder=drop_remainder)
 
         def epoch_dataset(e):
@@ -265,7 +270,7 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024, drop_remai
         mean_std = pipelines.MEAN_STD.get(spec.dataset) or pipelines.channel_stats(images)
         transform = _image_transform(spec, mode, mean_std)
         test = test.map(lambda f, y: (_on_image(transform, f), y))
-        n_train, n_test = len(y_train), int(test.reduce(0, lambda n, _: n + 1).numpy())
+        n_train, n_test = len(y_train), _count(test)
         features = tf.nest.map_structure(tf.constant, x_train)
         labels = tf.constant(y_train)
         base_seed = tf.constant(seed, tf.int64)
