@@ -55,6 +55,7 @@ import numpy as np
 from keras_moe import validation
 from keras_moe.layers.gated_conv import ShallowEmbedding
 from keras_moe.layers.gates import ReLUGate
+from keras_moe.training.phases import PhaseLog
 
 
 def _require_deepmoe(model):
@@ -256,17 +257,12 @@ def train_deepmoe_two_phase(
     if finetune_callbacks is None:
         finetune_callbacks = [c for c in callbacks if not isinstance(c, GateDensityTarget)]
 
-    histories = {"joint": None, "finetune": None}
-    merged, phases = {}, []
+    log = PhaseLog(("joint", "finetune"))
 
     def run(phase, start, epochs, phase_callbacks):
-        history = model.fit(x, y, initial_epoch=start, epochs=start + epochs,
-                            validation_data=validation_data, callbacks=phase_callbacks,
-                            **fit_kwargs)
-        histories[phase] = history
-        for key, values in history.history.items():
-            merged.setdefault(key, []).extend(values)
-        phases.extend([phase] * len(next(iter(history.history.values()), [])))
+        log.add(phase, model.fit(x, y, initial_epoch=start, epochs=start + epochs,
+                                 validation_data=validation_data, callbacks=phase_callbacks,
+                                 **fit_kwargs))
 
     if joint_epochs:
         run("joint", 0, joint_epochs, callbacks)
@@ -276,7 +272,8 @@ def train_deepmoe_two_phase(
     recompile(model, finetune_optimizer)
     if finetune_epochs:
         run("finetune", joint_epochs, finetune_epochs, list(finetune_callbacks))
-    return DeepMoEHistory(histories["joint"], histories["finetune"], merged, phases)
+    return DeepMoEHistory(log.histories["joint"], log.histories["finetune"], log.merged,
+                          log.phases)
 
 
 DensityRecord = collections.namedtuple("DensityRecord", ["batch", "density", "gate_l1", "target"])

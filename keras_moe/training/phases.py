@@ -157,6 +157,26 @@ class LiftAssignmentConstraint(keras.callbacks.Callback):
         return {"lift_at_epoch": self.lift_at_epoch, "reset_totals": self.reset_totals}
 
 
+class PhaseLog:
+    """Histories of consecutive `model.fit` phases, merged epoch by epoch.
+
+    `add(name, history)` files one phase's `History`; `histories[name]` is that
+    History, `merged` the per-metric lists over all phases (a key logged in one phase
+    only has that phase's entries) and `phases` the phase name of each epoch.
+    """
+
+    def __init__(self, names):
+        self.histories = {name: None for name in names}
+        self.merged = {}
+        self.phases = []
+
+    def add(self, name, history):
+        self.histories[name] = history
+        for key, values in history.history.items():
+            self.merged.setdefault(key, []).extend(values)
+        self.phases.extend([name] * len(next(iter(history.history.values()), [])))
+
+
 @dataclasses.dataclass
 class TwoPhaseHistory:
     """What `train_eigen_two_phase` returns.
@@ -233,16 +253,11 @@ def train_eigen_two_phase(
         raise ValueError("model must be compiled before train_eigen_two_phase")
     _require_layers(model)
 
-    histories = {"constrained": None, "free": None}
-    merged, phases = {}, []
+    log = PhaseLog(("constrained", "free"))
 
     def run(phase, start, epochs):
-        history = model.fit(x, y, initial_epoch=start, epochs=start + epochs,
-                            callbacks=callbacks, **fit_kwargs)
-        histories[phase] = history
-        for key, values in history.history.items():
-            merged.setdefault(key, []).extend(values)
-        phases.extend([phase] * len(next(iter(history.history.values()), [])))
+        log.add(phase, model.fit(x, y, initial_epoch=start, epochs=start + epochs,
+                                 callbacks=callbacks, **fit_kwargs))
 
     if constrained_epochs:
         if reset_totals:
@@ -260,4 +275,5 @@ def train_eigen_two_phase(
                 )
             learning_rate.assign(free_learning_rate)
         run("free", constrained_epochs, free_epochs)
-    return TwoPhaseHistory(histories["constrained"], histories["free"], merged, phases)
+    return TwoPhaseHistory(log.histories["constrained"], log.histories["free"], log.merged,
+                           log.phases)
