@@ -371,3 +371,27 @@ embedding_loss_weight = 0.0
     assert "DeepMoE gate density" in report_lib.format_report(report)
     report_lib.plot_report(report, result.history, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_epochs_are_drawn_from_seed_and_epoch_alone(tmp_path):
+    """Epoch e's order and augmentation depend on (seed, e) only: what resuming needs."""
+    from keras_moe.data import pipelines
+
+    recipe = recipes.load_recipe(_recipe_file(tmp_path, TINY)).override(
+        ["data.train_size=96", "data.augment=true", "data.pad_to=32", "data.batch_size=32"])
+    data = runner.build_datasets(recipe, seed=5)
+    first = [b[0].numpy() for b in data.train_epochs(1, 2)]
+    again = [b[0].numpy() for b in runner.build_datasets(recipe, seed=5).train_epochs(1, 2)]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    # The formula: order = stateless_shuffle(range(n), [seed, e]); example i is the
+    # transformed image, then pad-4 crop and flip from [seed * 1000003 + e, i].
+    plain = data.train_inputs()
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(96, dtype=tf.int64), seed=tf.constant([5, 1], tf.int64)).numpy()
+    expected = np.stack([pipelines.cifar_augment(
+        tf.constant(plain[i]), tf.constant([5 * 1000003 + 1, i], tf.int64)).numpy()
+        for i in order])
+    np.testing.assert_array_equal(np.concatenate(first), expected)
+    other = np.concatenate([b[0].numpy() for b in data.train_epochs(2, 3)])
+    assert not np.array_equal(other, expected)

@@ -169,7 +169,7 @@ def _in_memory(ds):
 
 
 def _image_transform(spec, mode, mean_std):
-    """uint8 image -> normalised, zero-padded to `pad_to`, tiled to `channels`."""
+    """uint8 image (or batch) -> normalised, zero-padded to `pad_to`, tiled to `channels`."""
     import tensorflow as tf
 
     from keras_moe.data import pipelines
@@ -186,14 +186,15 @@ def _image_transform(spec, mode, mean_std):
                     f"[data].pad_to must be 0 or >= the images' {height}x{width}, got "
                     f"{spec.pad_to}")
             top, left = (spec.pad_to - height) // 2, (spec.pad_to - width) // 2
-            image = tf.pad(image, [[top, spec.pad_to - height - top],
-                                   [left, spec.pad_to - width - left], [0, 0]])
+            leading = [[0, 0]] * (len(image.shape) - 3)  # one image or a batch
+            image = tf.pad(image, leading + [[top, spec.pad_to - height - top],
+                                             [left, spec.pad_to - width - left], [0, 0]])
         if spec.channels and int(image.shape[-1]) != spec.channels:
             if int(image.shape[-1]) != 1:
                 raise RecipeError(
                     f"[data].channels: only 1-channel images can be tiled, these have "
                     f"{int(image.shape[-1])}")
-            image = tf.tile(image, [1, 1, spec.channels])
+            image = tf.tile(image, [1] * (len(image.shape) - 1) + [spec.channels])
         return image
 
     return transform
@@ -275,24 +276,30 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024, drop_remai
         labels = tf.constant(y_train)
         base_seed = tf.constant(seed, tf.int64)
 
-        def example(index, e, augmented=True):
-            picked = tf.nest.map_structure(lambda t: tf.gather(t, index), features)
+        def augment_each(images, indices, e):
+            # Per example, from (seed, epoch, example index) alone: resumable.
+            return tf.map_fn(
+                lambda pair: pipelines.cifar_augment(
+                    pair[0], tf.stack([base_seed * 1000003 + e, pair[1]])),
+                (images, indices), fn_output_signature=images.dtype)
+
+        def examples(indices, e=None):
+            """The examples at `indices` (a batch: gathered and transformed at once)."""
+            picked = tf.nest.map_structure(lambda t: tf.gather(t, indices), features)
             picked = _on_image(transform, picked)
-            if augment and augmented:
-                picked = _on_image(pipelines.cifar_augment, picked,
-                                   tf.stack([base_seed * 1000003 + e, index]))
-            return picked, tf.gather(labels, index)
+            if augment and e is not None:
+                picked = _on_image(augment_each, picked, indices, e)
+            return picked, tf.gather(labels, indices)
 
         def epoch_dataset(e):
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(n_train, dtype=tf.int64), seed=tf.stack([base_seed, e]))
             return (tf.data.Dataset.from_tensor_slices(order)
-                    .map(lambda i: example(i, e), num_parallel_calls=tf.data.AUTOTUNE,
-                         deterministic=True)
-                    .batch(spec.batch_size, drop_remainder=drop_remainder))
+                    .batch(spec.batch_size, drop_remainder=drop_remainder)
+                    .map(lambda batch: examples(batch, e), num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=True))
 
-        ordered_train = tf.data.Dataset.range(n_train).map(
-            lambda i: example(i, tf.constant(0, tf.int64), augmented=False))
+        ordered_train = tf.data.Dataset.range(n_train).batch(1024).map(examples).unbatch()
 
     features_spec = test.element_spec[0]
     image_spec = features_spec["image"] if isinstance(features_spec, dict) else features_spec
