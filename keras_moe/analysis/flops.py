@@ -358,12 +358,16 @@ def gate_density(model, data, overall=False, batch_size=256):
         Wang et al., "Deep Mixture of Experts via Shallow Embedding", UAI 2019, sec. 5.1.1
         ("on average half of the convolutional channels are selected").
     """
-    gates = gate_values(model, data, batch_size=batch_size)
-    if overall:
-        open_ = sum(float((g > 0).sum()) for g in gates.values())
-        total = sum(g.size for g in gates.values())
-        return open_ / total
-    return {name: float((g > 0).mean()) for name, g in gates.items()}
+    per_layer, total = densities(gate_values(model, data, batch_size=batch_size))
+    return total if overall else per_layer
+
+
+def densities(gates):
+    """`(per-layer densities, overall density)` of gate values from `gate_values`: the
+    numbers of `gate_density` from one pass over the data."""
+    open_ = sum(float((g > 0).sum()) for g in gates.values())
+    total = sum(g.size for g in gates.values())
+    return {name: float((g > 0).mean()) for name, g in gates.items()}, open_ / total
 
 
 # Effective cost ---------------------------------------------------------------------------

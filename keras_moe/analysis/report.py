@@ -90,9 +90,9 @@ def make_report(model, data, history=(), *, recipe=None, seconds=None):
             }
     report["deepmoe"] = None
     if _deepmoe(model):
-        per_layer = flops.gate_density(model, data.probe)
+        per_layer, overall = flops.densities(flops.gate_values(model, data.probe))
         report["deepmoe"] = {
-            "gate_density": float(flops.gate_density(model, data.probe, overall=True)),
+            "gate_density": float(overall),
             "gate_density_per_layer": {k: float(v) for k, v in per_layer.items()},
             "effective_macs": float(flops.effective_flops(model, data.probe).total),
             "gate_l1": float(model.gate_l1),

@@ -527,8 +527,7 @@ class _GateDensityLogger(keras.callbacks.Callback):
 
         from keras_moe.analysis import flops
 
-        per_layer = flops.gate_density(self.model, self.probe)
-        overall = flops.gate_density(self.model, self.probe, overall=True)
+        per_layer, overall = flops.densities(flops.gate_values(self.model, self.probe))
         if logs is not None:
             logs["gate_density"] = float(overall)
             logs["gate_l1"] = float(self.model.gate_l1)
