@@ -90,11 +90,11 @@ def copy_trainable_weights(source, target):
         dst.assign(src)
 
 
-@pytest.mark.parametrize("expert_hidden_units", [None, 16])
-def test_dispatch_modes_agree_on_outputs_and_gradients(expert_hidden_units):
+@pytest.mark.parametrize("expert_hidden_units, top_k", [(None, 2), (16, 2), (16, 1), (16, 3)])
+def test_dispatch_modes_agree_on_outputs_and_gradients(expert_hidden_units, top_k):
     rng = np.random.default_rng(2)
     x = tf.constant(rng.normal(size=(64, 12)).astype("float32"))
-    kwargs = dict(units=9, num_experts=6, top_k=2, gate_hidden_units=8,
+    kwargs = dict(units=9, num_experts=6, top_k=top_k, gate_hidden_units=8,
                   expert_hidden_units=expert_hidden_units, activation="relu")
     layers = _layers_with_shared_weights(x, **kwargs)
     results = {}
@@ -104,15 +104,21 @@ def test_dispatch_modes_agree_on_outputs_and_gradients(expert_hidden_units):
             y = layer(x)
             loss = tf.reduce_sum(y * tf.sin(tf.range(9, dtype=tf.float32)))
         grads = tape.gradient(loss, [x] + layer.trainable_weights)
-        results[mode] = (y.numpy(), [g.numpy() for g in grads])
+        results[mode] = (
+            y.numpy(), [None if g is None else tf.convert_to_tensor(g).numpy() for g in grads]
+        )
     assert layers["capacity"].dropped_fraction == 0.0
     for mode in ("sparse", "capacity"):
         np.testing.assert_allclose(results[mode][0], results["dense"][0], rtol=1e-5, atol=1e-6)
         for got, want in zip(results[mode][1], results["dense"][1]):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # The gate receives gradient through the combine weights in every mode.
+            assert (got is None) == (want is None)
+            if want is not None:
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     gate_grad = results["sparse"][1][-2]
-    assert np.abs(gate_grad).sum() > 0
+    if top_k > 1:  # the gate receives gradient through the combine weights
+        assert np.abs(gate_grad).sum() > 0
+    else:  # a softmax over one logit is constant: top-1 gates pass no gradient
+        assert gate_grad is None
 
 
 def test_sparse_dispatch_skips_unrouted_experts():

@@ -21,19 +21,15 @@ def dense_combine(expert_outputs, gates):
     return ops.einsum("te,etu->tu", ops.cast(gates, expert_outputs.dtype), expert_outputs)
 
 
-def _flatten_assignments(top_k_indices, top_k_gates):
-    """Token id, expert id and gate of every (token, slot) assignment, token-major."""
-    num_tokens = ops.shape(top_k_indices)[0]
-    k = top_k_indices.shape[-1]
-    token_ids = ops.reshape(
-        ops.repeat(ops.expand_dims(ops.arange(num_tokens, dtype="int32"), 1), k, axis=1),
-        (-1,),
-    )
-    return token_ids, ops.reshape(top_k_indices, (-1,)), ops.reshape(top_k_gates, (-1,))
-
-
 def sparse_dispatch(tokens, top_k_indices, top_k_gates, num_experts, grouped_expert_fn):
     """Dropless top-k dispatch that computes each expert only on its own tokens.
+
+    Assignments are sorted by expert (a stable sort, so each expert sees its tokens in
+    order); `position[a]` is where assignment `a` lands in that order. Combining reads
+    each token's k expert outputs back with one gather through `position` rather than
+    scatter-adding them: the gather is a permutation, so its gradient is the gather
+    through the inverse permutation, and the dispatch gather's gradient sums each
+    token's k rows the same way (both cheaper than segment sums on the CPU).
 
     Args:
         tokens: (tokens, features) inputs.
@@ -56,16 +52,52 @@ def sparse_dispatch(tokens, top_k_indices, top_k_gates, num_experts, grouped_exp
         )
     import tensorflow as tf
 
-    token_ids, expert_ids, gate_values = _flatten_assignments(top_k_indices, top_k_gates)
-    order = tf.argsort(expert_ids, stable=True)
-    sorted_tokens = tf.gather(token_ids, order)
-    sorted_gates = tf.gather(gate_values, order)
+    k = top_k_indices.shape[-1]
+    expert_ids = tf.reshape(top_k_indices, (-1,))  # assignment t * k + j
+    order = tf.argsort(expert_ids, stable=True)  # sorted row -> assignment
+    position = tf.math.invert_permutation(order)  # assignment -> sorted row
     tokens_per_expert = tf.math.bincount(
         expert_ids, minlength=num_experts, maxlength=num_experts, dtype=tf.int32
     )
-    expert_outputs = grouped_expert_fn(tf.gather(tokens, sorted_tokens), tokens_per_expert)
-    weighted = expert_outputs * tf.cast(sorted_gates, expert_outputs.dtype)[:, None]
-    return tf.math.unsorted_segment_sum(weighted, sorted_tokens, tf.shape(tokens)[0])
+    expert_inputs = _rows_of_assignments(tokens, order // k, position, k)
+    expert_outputs = grouped_expert_fn(expert_inputs, tokens_per_expert)
+    units = expert_outputs.shape[-1]
+    per_token = tf.reshape(
+        _permute_rows(expert_outputs, position, order), (tf.shape(tokens)[0], k, units)
+    )
+    gates = tf.cast(top_k_gates, expert_outputs.dtype)
+    return tf.reduce_sum(per_token * gates[:, :, None], axis=1)
+
+
+def _rows_of_assignments(tokens, sorted_token_ids, position, k):
+    """`tokens[sorted_token_ids]`; the gradient adds each token's k rows back."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def gather(x):
+        def grad(upstream):
+            per_token = tf.reshape(
+                tf.gather(upstream, position), (tf.shape(x)[0], k, tf.shape(upstream)[-1])
+            )
+            return tf.reduce_sum(per_token, axis=1)
+
+        return tf.gather(x, sorted_token_ids), grad
+
+    return gather(tokens)
+
+
+def _permute_rows(rows, permutation, inverse_permutation):
+    """`rows[permutation]`, whose gradient is the gather through the inverse."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def gather(x):
+        def grad(upstream):
+            return tf.gather(upstream, inverse_permutation)
+
+        return tf.gather(x, permutation), grad
+
+    return gather(rows)
 
 
 # Below this many rows, `g @ W^T` is computed as `(W @ g^T)^T` (see `_matmul_kernel_t`).
