@@ -15,7 +15,11 @@ the ratios):
      both as Keras runs it (`model(x)` under `tf.function`) and through the skip path's
      own executor (`SkipChannelRunner` on a model without gates: weights as constants,
      batch norms folded), the like-for-like baseline: part of the skip path's speed comes
-     from that folding, not from skipping.
+     from that folding, not from skipping;
+   - ResNet-56 at 1/16 of its width (1, 2 and 4 channels per stage: about 1/256 of its
+     multiply-adds, the same ops), both ways: what batch-1 inference costs on this CPU
+     when the arithmetic is next to nothing, the per-layer floor that no channel skipping
+     can go below.
    Targets: wide-DeepMoE-56 (skip) <= 1.2x ResNet-56 and <= 0.6x dense wide ResNet-56,
    printed against both baselines.
 2. Training throughput (images/s, batch 128, SGD with momentum, `train_on_batch`) of
@@ -134,6 +138,8 @@ def main():
     resnet_runner, wide_resnet_runner = SkipChannelRunner(resnet), SkipChannelRunner(wide_resnet)
     image = tf.constant(image)
     stream_runner = SkipChannelRunner(wide_moe, skip_stream_inputs=False)
+    sliver = deepmoe.resnet56(width_multiplier=1 / 16)
+    sliver_runner = SkipChannelRunner(sliver)
     candidates = {
         "wide-DeepMoE-56, skip path": lambda: runner(image).numpy(),
         "wide-DeepMoE-56, skip path, stream read whole": lambda: stream_runner(image).numpy(),
@@ -142,6 +148,8 @@ def main():
         "dense wide ResNet-56": forward_fn(wide_resnet, image),
         "ResNet-56, same executor": lambda: resnet_runner(image).numpy(),
         "dense wide ResNet-56, same executor": lambda: wide_resnet_runner(image).numpy(),
+        "ResNet-56 at 1/16 width": forward_fn(sliver, image),
+        "ResNet-56 at 1/16 width, same executor": lambda: sliver_runner(image).numpy(),
     }
     times = median_times(candidates, args.latency_reps, warmup=5)
     base = times["ResNet-56"]
@@ -171,6 +179,9 @@ def main():
               f"{skip / base:.2f}x -> {verdict(skip / base <= 1.2)}")
         print(f"target: wide-DeepMoE-56 (skip) <= 0.6x dense wide ResNet-56 ({against}): "
               f"{skip / dense_wide:.2f}x -> {verdict(skip / dense_wide <= 0.6)}")
+        floor = times["ResNet-56 at 1/16 width" + suffix]
+        print(f"  per-layer floor ({against}): ResNet-56 at 1/16 width takes "
+              f"{floor / dense_wide:.2f}x dense wide ResNet-56")
     if args.skip_train:
         return
 
