@@ -44,7 +44,9 @@ def objective(model, x, y, lam, mu):
     out = model.network(x, training=True)
     ce = np_ce(np.asarray(out["logits"], "float64"), y).mean()
     ce_e = np_ce(np.asarray(out["embedding_logits"], "float64"), y).mean()
-    l_g = np.mean([np.abs(np.asarray(g)).mean() for g in out["gates"]])
+    # eq. 8 per example, divided by the number of gated channels, averaged over the batch
+    gates = np.concatenate([np.asarray(g, "float64") for g in out["gates"]], axis=1)
+    l_g = np.abs(gates).sum(axis=1).mean() / gates.shape[1]
     return ce + lam * l_g + mu * ce_e, ce, l_g, ce_e
 
 
@@ -123,6 +125,24 @@ def test_compute_loss_terms_exactly():
     base = np_ce(np.asarray(y_pred, "float64"), y).mean()
     assert float(model.compute_loss(x, y, y_pred, training=False)) == pytest.approx(base, rel=1e-5)
     assert model.evaluate(x, y, verbose=0)[0] == pytest.approx(base, rel=1e-4)
+
+
+def test_gate_term_weighs_every_channel_alike():
+    """L_g = sum over all gated channels of |g| / their number (eq. 8 normalised), not the
+    mean of the layers' means: layers of different widths get different gate levels."""
+    x, _ = batch(seed=2)
+    model = tiny(gate_l1=1.0)
+    heads = [layer for layer in model.network.layers if isinstance(layer, ReLUGate)]
+    for i, head in enumerate(heads):  # e is on the simplex: every gate of head i is 0.5 * i
+        head.kernel.assign(np.full(head.kernel.shape, 0.5 * i, "float32"))
+    model(x, training=True)
+    (got,) = [float(loss) for loss in model.losses]
+    widths = np.array([h.kernel.shape[1] for h in heads], "float64")
+    levels = 0.5 * np.arange(len(heads))
+    expected = (widths * levels).sum() / widths.sum()
+    layer_mean = levels.mean()
+    assert abs(expected - layer_mean) > 0.1  # the two normalisations differ here
+    assert got == pytest.approx(expected, rel=1e-5)
 
 
 def test_embedding_cross_entropy_one_hot_and_sample_weight():

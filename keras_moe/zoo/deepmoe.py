@@ -73,11 +73,13 @@ Design decisions (DESIGN.md, "DeepMoE (004)") and choices where the paper is sil
   one dense layer to the classes (the common CIFAR variant; 14.8M parameters).
 - Embedding network (`keras_moe.layers.ShallowEmbedding`): 4 (CIFAR builders) or 5
   (ImageNet builders) 3x3 stride-2 convolutions of widths `embedding_widths`.
-- L_g is the mean over the gated layers of `keras_moe.regularizers.l1_gate_sparsity`
-  (mean absolute gate over channels and batch): 1.0 with all gates open, so `gate_l1` has
-  a scale independent of depth and width. The paper's L_g = sum_l ||g^l||_1 is larger by
-  about L * C (gated layers times mean channels): a paper lambda corresponds roughly to
-  `gate_l1 = lambda_paper * sum_l C_l` here.
+- L_g is the paper's sum of the gates' L1 norms over every gated channel of every
+  layer (eq. 8), averaged over the batch and divided by the number of gated channels
+  `sum_l C_l`: every channel is pushed alike, as in the paper, and L_g is 1.0 with all
+  gates at 1, so `gate_l1` has a scale independent of depth and width. A paper lambda
+  is `gate_l1 = lambda_paper * sum_l C_l` here. (Until 2026-11-23 L_g was the mean
+  over layers of each layer's mean gate, which pushed a channel of a 16-channel layer
+  4x harder than one of a 64-channel layer; `zoo/deepmoe.md` has the comparison.)
 - Defaults: `gate_l1 = DEFAULT_GATE_L1 = 0.1` (the paper gives only a range, [0.001, 8]
   in its normalisation); `embedding_loss_weight` (mu) 1.0 for CIFAR and 0.0 for ImageNet
   (paper, section 5), 0.0 for DRN-A-50. Default `num_classes` follow the paper's tables:
@@ -239,10 +241,10 @@ class DeepMoEModel(ReplicaLocalLossesMixin, keras.Model):
     layer). Calling the model returns the logits only, so `predict`, metrics and the
     compile loss see an ordinary classifier. In training calls the model adds
 
-        gate_l1 * L_g,  L_g = (1 / L) sum_l mean_{x, c} |g^l_c(x)|
+        gate_l1 * L_g,  L_g = mean_x sum_l sum_c |g^l_c(x)| / sum_l C_l
 
-    (the mean over the L gated layers of `keras_moe.regularizers.l1_gate_sparsity`: 1.0
-    with every gate open) with `add_loss`, and `compute_loss` adds
+    (eq. 8 divided by the number of gated channels: every channel weighs alike and L_g
+    is 1.0 with every gate at 1) with `add_loss`, and `compute_loss` adds
 
         embedding_loss_weight * CE(e, y)
 
@@ -289,6 +291,9 @@ class DeepMoEModel(ReplicaLocalLossesMixin, keras.Model):
         if not isinstance(outputs["gates"], (list, tuple)) or not outputs["gates"]:
             raise ValueError("network's 'gates' output must be a non-empty list of gate tensors")
         self.network = network
+        widths = [int(g.shape[-1]) for g in outputs["gates"]]
+        # Layer l's mean gate weighs C_l / sum C: the channel-weighted mean of eq. 8.
+        self._gate_layer_weights = [w / sum(widths) for w in widths]
         self._gate_l1 = keras.Variable(
             validation.non_negative_float("gate_l1", gate_l1),
             trainable=False,
@@ -339,8 +344,10 @@ class DeepMoEModel(ReplicaLocalLossesMixin, keras.Model):
         outputs = self.network(inputs, training=training)
         pending = self._pending_embedding_logits()
         if training:
-            terms = [reg_fn.l1_gate_sparsity(g) for g in outputs["gates"]]
-            gate_term = ops.mean(ops.stack(terms))
+            gate_term = ops.sum(ops.stack([
+                weight * reg_fn.l1_gate_sparsity(g)
+                for weight, g in zip(self._gate_layer_weights, outputs["gates"])
+            ]))
             self.add_loss(ops.cast(self._gate_l1, "float32") * gate_term)
             pending[threading.get_ident()] = outputs["embedding_logits"]
         else:
@@ -683,7 +690,7 @@ def deepmoe_resnet_cifar(*, input_shape=(32, 32, 3), num_classes=10, depth=56, w
         depth: 6n + 2 (8, 14, ..., 56, 110).
         wide: Wide-DeepMoE: double the block-internal (gated) channels.
         width_multiplier: Scales every layer's channels, > 0.
-        gate_l1: lambda, weight of the mean gate L1 term, >= 0.
+        gate_l1: lambda, weight of the channel-mean gate L1 term L_g, >= 0.
         embedding_loss_weight: mu, weight of the embedding cross-entropy, >= 0.
         embedding_widths: Channels of the embedding's stride-2 convolutions.
 
@@ -793,7 +800,7 @@ _DEEPMOE_ARGS = """
         num_classes: Number of classes (= latent experts of the embedding), >= 2.
         wide: Wide-DeepMoE: double the channels of the gated layers (see module doc).
         width_multiplier: Scales every layer's channels, > 0.
-        gate_l1: lambda, weight of the mean gate L1 term, >= 0.
+        gate_l1: lambda, weight of the channel-mean gate L1 term L_g, >= 0.
         embedding_loss_weight: mu, weight of the embedding cross-entropy, >= 0{mu}.
         embedding_widths: Channels of the embedding's stride-2 convolutions.{extra}
 
@@ -898,7 +905,7 @@ def deepmoe_vgg16(*, input_shape=(32, 32, 3), num_classes=100, wide=False,
         num_classes: Number of classes (= latent experts of the embedding), >= 2.
         wide: Wide-DeepMoE: double every convolution's channels.
         width_multiplier: Scales every layer's channels, > 0.
-        gate_l1: lambda, weight of the mean gate L1 term, >= 0.
+        gate_l1: lambda, weight of the channel-mean gate L1 term L_g, >= 0.
         embedding_loss_weight: mu, weight of the embedding cross-entropy, >= 0.
         embedding_widths: Channels of the embedding's stride-2 convolutions.
 
@@ -989,7 +996,7 @@ def deepmoe_drn_a50(*, input_shape=CITYSCAPES_CROP, num_classes=CITYSCAPES_CLASS
         wide: Wide-DeepMoE: double the channels of the gated layers (see
             `bottleneck`).
         width_multiplier: Scales every layer's channels, > 0.
-        gate_l1: lambda, weight of the mean gate L1 term, >= 0.
+        gate_l1: lambda, weight of the channel-mean gate L1 term L_g, >= 0.
         embedding_loss_weight: mu, weight of the embedding cross-entropy against the
             image's class histogram, >= 0 (default 0; the paper is silent).
         embedding_widths: Channels of the embedding's stride-2 convolutions.
