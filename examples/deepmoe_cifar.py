@@ -91,7 +91,7 @@ def parse_args(argv=None):
                    help="batches between lambda updates of GateDensityTarget")
     p.add_argument("--density-factor", type=float, default=1.2,
                    help="GateDensityTarget's largest multiplier of lambda per update")
-    p.add_argument("--density-gain", type=float, default=5.0,
+    p.add_argument("--density-gain", type=float, default=2.0,
                    help="GateDensityTarget's gain (log lambda per unit density error)")
     p.add_argument("--density-lookahead", type=float, default=20,
                    help="GateDensityTarget's lookahead in batches (0: no rate term)")

@@ -108,8 +108,8 @@ def test_two_phase_argument_checks():
             joint_epochs=1, finetune_epochs=1)
 
 
-def expected_gate_l1(gate_l1, density, previous, target, *, gain, factor, down_factor,
-                     lookahead, ramp, target_density, lo, hi):
+def expected_gate_l1(gate_l1, density, previous, target, *, gain, down_gain, factor,
+                     down_factor, lookahead, ramp, target_density, lo, hi):
     """GateDensityTarget's rule written out (see its docstring)."""
     batch, d = density
     if ramp:
@@ -117,7 +117,9 @@ def expected_gate_l1(gate_l1, density, previous, target, *, gain, factor, down_f
     predicted = d
     if previous is not None and lookahead:
         predicted = d + lookahead * (d - previous[1]) / (batch - previous[0])
-    step = np.clip(gain * (predicted - target), -np.log(down_factor), np.log(factor))
+    error = predicted - target
+    step = np.clip((gain if error > 0 else down_gain) * error, -np.log(down_factor),
+                   np.log(factor))
     return float(np.clip(gate_l1 * np.exp(step), lo, hi))
 
 
@@ -132,7 +134,7 @@ def run_rule(callback, model, measurements):
 
 
 def test_density_target_update_follows_the_formula():
-    rule = dict(gain=4.0, factor=1.5, down_factor=2.0, lookahead=0, ramp=0)
+    rule = dict(gain=4.0, down_gain=4.0, factor=1.5, down_factor=2.0, lookahead=0, ramp=0)
     callback = training.GateDensityTarget(
         0.5, density_fn=lambda m: 0.0, tolerance=0.0, min_gate_l1=0.01, max_gate_l1=1.0,
         **rule)
@@ -160,7 +162,7 @@ def test_density_target_update_follows_the_formula():
 
 
 def test_density_target_lookahead_and_ramp_follow_the_formula():
-    rule = dict(gain=3.0, factor=1.3, down_factor=1.8, lookahead=20, ramp=100)
+    rule = dict(gain=3.0, down_gain=6.0, factor=1.3, down_factor=1.8, lookahead=20, ramp=100)
     callback = training.GateDensityTarget(
         0.4, density_fn=lambda m: 0.0, every=5, min_gate_l1=1e-3, max_gate_l1=100.0, **rule)
     model = tiny(gate_l1=1.0)
@@ -183,12 +185,35 @@ def test_density_target_lookahead_and_ramp_follow_the_formula():
     assert records[5].gate_l1 == pytest.approx(records[4].gate_l1)
 
 
+def test_density_ahead_follows_the_formula():
+    rng = np.random.default_rng(0)
+    previous = {"a": rng.uniform(-0.5, 1.5, (6, 8)), "b": rng.uniform(-0.5, 1.5, (6, 4))}
+    current = {"a": previous["a"] - rng.uniform(0.0, 0.1, (6, 8)),  # falling
+               "b": previous["b"] + rng.uniform(0.0, 0.1, (6, 4))}  # rising
+    batches, lookahead = 5, 30
+    expected_kept = 0
+    for name in ("a", "b"):
+        both = (current[name] > 0) & (previous[name] > 0)
+        drift = max((previous[name][both] - current[name][both]).mean() / batches, 0.0)
+        for value in current[name].ravel():  # written out entry by entry
+            expected_kept += value > drift * lookahead
+    expected = expected_kept / 72
+    got = training.density_ahead(previous, current, batches, lookahead)
+    assert got == pytest.approx(expected)
+    now = np.mean(np.concatenate([(g > 0).ravel() for g in current.values()]))
+    assert got < now  # layer a's drift closes some of its gates ahead
+    # The rising layer predicts no closing; lookahead 0 is the density now.
+    assert training.density_ahead({"b": previous["b"]}, {"b": current["b"]}, 5, 30) == (
+        pytest.approx(np.mean(current["b"] > 0)))
+    assert training.density_ahead(previous, current, 5, 0) == pytest.approx(now)
+
+
 def test_density_target_options_and_argument_checks():
     model = tiny(gate_l1=0.0)
     callback = training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, factor=3.0,
-                                          min_gate_l1=0.1, lookahead=0)
+                                          min_gate_l1=0.1, lookahead=0, gain=5.0)
     callback.set_model(model)
-    callback.update()   # a lambda of 0 is first raised to min_gate_l1
+    callback.update()   # a lambda of 0 is first raised to min_gate_l1, then x factor
     assert model.gate_l1 == pytest.approx(0.3)
     # latch: once at or below the target, lambda never goes up again.
     densities = iter([0.4, 0.9])
@@ -224,6 +249,8 @@ def test_density_target_options_and_argument_checks():
         training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, down_factor=0.5)
     with pytest.raises(ValueError, match="gain"):
         training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, gain=0.0)
+    with pytest.raises(ValueError, match="down_gain"):
+        training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, down_gain=-1.0)
     with pytest.raises(ValueError, match="ramp"):
         training.GateDensityTarget(0.5, density_fn=lambda m: 1.0, ramp=-1)
     with pytest.raises(ValueError, match="data"):
@@ -246,15 +273,18 @@ def test_spread_gate_heads():
         training.spread_gate_heads(model, low=1.0, high=1.0)
 
 
-def test_density_target_closed_loop_reaches_target_without_overshoot():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_density_target_closed_loop_reaches_target_without_overshoot(seed):
     # Momentum 0.9 as in the paper's recipe: the old multiplicative rule overshot to
-    # density ~0 on this kind of run (all gates crossed zero together).
+    # density ~0 on this kind of run (all gates crossed zero together), and gain 5 under
+    # the channel-weighted L1 term wound lambda up near the target, then closed the
+    # widest layer (seed 0: density 0.23 at the end).
     target = 0.5
     model = tiny(gate_l1=1.0)
-    training.spread_gate_heads(model, seed=0)
+    training.spread_gate_heads(model, seed=seed)
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x, y = data(256)
+    x, y = data(256, seed=seed)
     assert flops.gate_density(model, x[:128], overall=True) == 1.0
     callback = training.GateDensityTarget(target, data=x[:128], every=2)
     history = model.fit(x, y, batch_size=32, epochs=25, callbacks=[callback], verbose=0)

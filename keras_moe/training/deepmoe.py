@@ -281,6 +281,41 @@ DensityRecord.__doc__ = """One `GateDensityTarget` measurement: batches seen, me
 after the update, and the (ramped) target the update aimed at."""
 
 
+def density_ahead(previous, current, batches, lookahead):
+    """The gate density predicted `lookahead` batches ahead from two gate snapshots.
+
+    The L1 term lowers every open gate of a layer at about the same rate (the batch
+    norm after each gated convolution leaves the cross-entropy indifferent to a layer's
+    common scale), so each layer's open gates drift down together and close in bulk
+    when they reach zero: the density stays flat and then falls off a cliff. Watching
+    the gate values sees the cliff coming. For each layer,
+
+        drift_l = mean over entries open in both snapshots of (previous - current) / batches
+        ahead_l = entries with current > max(drift_l, 0) * lookahead
+
+    and the prediction is the fraction of all entries (examples x gated channels) in
+    `ahead`. A layer whose gates rise predicts no closing (and no reopening).
+
+    Args:
+        previous: `{layer name: (examples, channels) gate values}` at the earlier
+            measurement (as `keras_moe.analysis.flops.gate_values` returns).
+        current: The same, now (same examples).
+        batches: Batches between the two measurements, > 0.
+        lookahead: Batches ahead, >= 0.
+
+    Returns:
+        The predicted density (float in [0, 1]).
+    """
+    kept = total = 0
+    for name, gates in current.items():
+        earlier = previous[name]
+        both = (gates > 0) & (earlier > 0)
+        drift = float((earlier[both] - gates[both]).mean()) / batches if both.any() else 0.0
+        kept += int((gates > max(drift, 0.0) * lookahead).sum())
+        total += gates.size
+    return kept / total
+
+
 class GateDensityTarget(keras.callbacks.Callback):
     """Callback: steers lambda (`model.gate_l1`) smoothly down to a target gate density.
 
@@ -288,13 +323,17 @@ class GateDensityTarget(keras.callbacks.Callback):
     density `d`, the fraction of open gates (> 0) over all gated channels and the
     examples of `data` (a fixed sample of training inputs; only the embedding and the
     gate heads run, in inference mode: what the FLOPs count sees), and updates lambda in
-    log space with a bounded step, proportional to the error of the density predicted
-    `lookahead` batches ahead:
+    log space with a bounded step, proportional to the error of the density `p`
+    predicted `lookahead` batches ahead:
 
         t      = max(target, 1 - (1 - target) * batches / ramp)    (t = target if ramp = 0)
-        slope  = (d - d_prev) / (batches - batches_prev)           (0 at the first update)
-        err    = d + lookahead * slope - t,   0 when |err| <= tolerance
-        step   = clip(gain * err, -log(down_factor), log(factor))
+        p      = density_ahead(gates_prev, gates, batches - batches_prev, lookahead)
+                 with `data`; with `density_fn` (no gate values):
+                 d + lookahead * (d - d_prev) / (batches - batches_prev)
+                 (p = d at the first update)
+        err    = p - t,   0 when |err| <= tolerance
+        step   = clip(g * err, -log(down_factor), log(factor)),  g = gain if err > 0
+                                                                   else down_gain
         lambda <- clip(lambda * exp(step), min_gate_l1, max_gate_l1)
 
     (`lambda` on the right is the model's current lambda, raised to `min_gate_l1`; with
@@ -314,9 +353,14 @@ class GateDensityTarget(keras.callbacks.Callback):
       not find a "right" value and hold it.
     - The density lags lambda (it stays at 1 while the gates shrink, and SGD momentum
       keeps them moving about 1 / (1 - momentum) steps after lambda drops). The
-      `lookahead` term (a derivative term) cuts lambda while the density is falling fast
-      enough to reach the target anyway; without it the density overshoots by tens of
-      points. `factor` bounds how fast lambda grows while the gates are all open.
+      `lookahead` prediction cuts lambda while the gates are falling fast enough to
+      reach the target anyway; without it the density overshoots by tens of points.
+      It is made from the gate values (`density_ahead`), not from the density's own
+      slope: a layer's gates fall together, so the density is flat until they reach
+      zero and then drops within a few updates (`deepmoe_resnet8_fashion_mnist`,
+      every 10 batches: 0.83 -> 0.27 between two measurements, with the slope-based
+      prediction still at 0.70 at the one before; `records` printed by a scratch
+      script). `factor` bounds how fast lambda grows while the gates are all open.
     - Gates are measured in inference mode on a fixed probe, so the measurement is
       deterministic between updates but moves with the embedding's batch-norm
       statistics (a few points of noise on the CIFAR-scale runs); keep `gain *
@@ -333,6 +377,16 @@ class GateDensityTarget(keras.callbacks.Callback):
     hold_while_falling=True`; it overshot (targets 0.75 / 0.5 ended at 0.15-0.48). The
     positional arguments are unchanged; defaults changed: `every` "epoch" -> 10,
     `factor` 1.5 -> 1.25, `tolerance` 0.02 -> 0, `hold_while_falling` True -> False.
+    Raising and lowering lambda have separate gains (`gain` 2, `down_gain` 5; one gain
+    of 5 before 2026-11-23) because closing is fast and hard to undo while reopening
+    is slow: the controller should be quick to cut lambda and slow to raise it. Found
+    with the channel-weighted L1 term of `DeepMoEModel`, under which the widest layer
+    weighs most: with one gain of 5, a density sitting just above the target (0.54:
+    lambda x 1.2 per update) wound lambda up 60x and then closed that layer (0.55 ->
+    0.23 within 24 batches; the closed-loop test's model, seed 0, a scratch script
+    printing `records`); with one gain of 2
+    the recipe `deepmoe_resnet8_fashion_mnist` fell through its target (density 0.196
+    after the joint phase) because lambda came down too slowly.
 
     Args:
         target_density: Wanted fraction of open gates, in (0, 1] (wide-DeepMoE: 0.5).
@@ -347,15 +401,18 @@ class GateDensityTarget(keras.callbacks.Callback):
         density_fn: Optional `density_fn(model) -> float` replacing the measurement.
         hold_while_falling: No raise of lambda while the density falls.
         batch_size: Batch size of the measurement.
-        gain: Proportional gain, in log(lambda) per unit of density error, > 0
-            (`float("inf")`: every step at its bound).
+        gain: Proportional gain of the steps that raise lambda (density above the
+            target), in log(lambda) per unit of density error, > 0 (`float("inf")`:
+            every step at its bound).
+        down_gain: Proportional gain of the steps that lower lambda, > 0 (None: `gain`).
         down_factor: Largest divisor of lambda per update, > 1 (None: `factor ** 2`).
         initial_gate_l1: lambda when training starts (None: the model's own).
         ramp: Batches over which the target falls linearly from 1 to `target_density`
             (0: the final target from the start).
         latch: Once the density has been at or below `target_density`, lambda only
             goes down.
-        lookahead: Batches ahead at which the density is predicted from its last change,
+        lookahead: Batches ahead at which the density is predicted (from the gate
+            values with `data`, from the density's last change with `density_fn`),
             >= 0 (0: proportional rule on the measured density).
 
     Example:
@@ -371,8 +428,8 @@ class GateDensityTarget(keras.callbacks.Callback):
 
     def __init__(self, target_density, data=None, every=10, factor=1.25, tolerance=0.0,
                  min_gate_l1=1e-3, max_gate_l1=1e4, density_fn=None,
-                 hold_while_falling=False, batch_size=256, *, gain=5.0, down_factor=None,
-                 initial_gate_l1=None, ramp=0, latch=False, lookahead=20):
+                 hold_while_falling=False, batch_size=256, *, gain=2.0, down_factor=None,
+                 initial_gate_l1=None, ramp=0, latch=False, lookahead=30, down_gain=5.0):
         super().__init__()
         self.target_density = validation.number(
             "target_density", target_density, minimum=0, maximum=1, exclusive_minimum=True
@@ -390,6 +447,9 @@ class GateDensityTarget(keras.callbacks.Callback):
             "max_gate_l1", max_gate_l1, minimum=self.min_gate_l1
         )
         self.gain = validation.number("gain", gain, minimum=0, exclusive_minimum=True)
+        self.down_gain = self.gain if down_gain is None else validation.number(
+            "down_gain", down_gain, minimum=0, exclusive_minimum=True
+        )
         self.initial_gate_l1 = None if initial_gate_l1 is None else validation.non_negative_float(
             "initial_gate_l1", initial_gate_l1
         )
@@ -407,14 +467,18 @@ class GateDensityTarget(keras.callbacks.Callback):
         self.records = []
         self.reached = False
         self._seen = 0
+        self._gates = self._previous_gates = None  # gate values at the last two measurements
 
     def measure(self):
-        """The current density (float in [0, 1])."""
+        """The current density (float in [0, 1]); keeps the gate values for `predicted`."""
         if self.density_fn is not None:
             return float(self.density_fn(self.model))
-        from keras_moe.analysis.flops import gate_density
+        from keras_moe.analysis.flops import densities, gate_values
 
-        return gate_density(self.model, self.data, overall=True, batch_size=self.batch_size)
+        self._previous_gates, self._gates = self._gates, gate_values(
+            self.model, self.data, batch_size=self.batch_size
+        )
+        return densities(self._gates)[1]
 
     def current_target(self):
         """The ramped target after `self._seen` batches."""
@@ -424,10 +488,14 @@ class GateDensityTarget(keras.callbacks.Callback):
         return max(self.target_density, 1.0 - (1.0 - self.target_density) * progress)
 
     def predicted(self, density):
-        """`density` extrapolated `lookahead` batches ahead along the last change."""
+        """The density `lookahead` batches ahead: from the last two gate snapshots
+        (`density_ahead`), or without them along the density's last change."""
         if not self.lookahead or not self.records or self._seen <= self.records[-1].batch:
             return density
-        slope = (density - self.records[-1].density) / (self._seen - self.records[-1].batch)
+        batches = self._seen - self.records[-1].batch
+        if self._gates is not None and self._previous_gates is not None:
+            return density_ahead(self._previous_gates, self._gates, batches, self.lookahead)
+        slope = (density - self.records[-1].density) / batches
         return density + self.lookahead * slope
 
     def step(self, density, target):
@@ -435,7 +503,8 @@ class GateDensityTarget(keras.callbacks.Callback):
         error = self.predicted(density) - target
         if abs(error) <= self.tolerance:
             return 0.0
-        step = self.gain * error if np.isfinite(self.gain) else np.sign(error) * np.inf
+        gain = self.gain if error > 0 else self.down_gain
+        step = gain * error if np.isfinite(gain) else np.sign(error) * np.inf
         step = float(np.clip(step, -np.log(self.down_factor), np.log(self.factor)))
         if step > 0 and self.latch and self.reached:
             return 0.0
