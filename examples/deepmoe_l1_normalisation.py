@@ -1,17 +1,19 @@
-"""Experiment: DeepMoE's gate L1 term weighted per channel, as in the paper.
+"""Experiment: how DeepMoE's gate L1 term is normalised, and what it does to accuracy.
 
-`DeepMoEModel` today averages the layers' mean gates, L_g = (1/L) sum_l mean_c |g^l_c|,
-which pushes each channel of a 16-channel layer 4x harder than one of a 64-channel
-layer. The paper's term is the sum of the gates' L1 norms over all gated channels;
-divided by their number it is still 1.0 with every gate open:
+`DeepMoEModel` uses the paper's term (eq. 8, the sum of the gates' L1 norms over every
+gated channel) divided by the number of gated channels, so every channel is pushed
+alike and L_g is 1.0 with every gate at 1:
 
-    L_g = sum_l sum_c |g^l_c| / sum_l C_l
+    channel:     L_g = sum_l sum_c |g^l_c| / sum_l C_l               (the model's, since 2026-11-23)
+    layer_mean:  L_g = (1 / L) sum_l mean_c |g^l_c|                    (the model's before)
 
-This script trains the `deepmoe_resnet8_fashion_mnist` recipe (the same as
-`keras-moe train deepmoe_resnet8_fashion_mnist --seed S`) with that term swapped in,
-and prints the same report. Compare with `zoo/deepmoe.md` ("Recipes").
+`layer_mean` pushes each channel of a 16-channel layer 4x harder than one of a
+64-channel layer. This script trains the `deepmoe_resnet8_fashion_mnist` recipe (the
+same as `keras-moe train deepmoe_resnet8_fashion_mnist --seed S`) with either term and
+prints the same report, per-layer gate densities included. Compare with
+`zoo/deepmoe.md` ("Recipes").
 
-    python examples/deepmoe_channel_weighted_l1.py --seed 0 --out runs/l1_channel_s0
+    python examples/deepmoe_l1_normalisation.py --term layer_mean --seed 0 --out runs/l1_layer_s0
 """
 
 import argparse
@@ -22,23 +24,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from keras_moe import recipes  # noqa: E402
 from keras_moe.analysis import report as report_lib  # noqa: E402
 from keras_moe.training import runner  # noqa: E402
-from keras_moe.zoo import deepmoe  # noqa: E402
 
 
-def channel_weighted(widths, layer_mean_l1):
-    """A replacement for `l1_gate_sparsity` inside `DeepMoEModel.call`, which averages
-    the per-layer terms: scaling layer l's term by L * C_l / sum C turns that average
-    into the channel-weighted mean."""
-    total, layers = sum(widths), len(widths)
-
-    def l1(gates):
-        return layer_mean_l1(gates) * (int(gates.shape[-1]) * layers / total)
-
-    return l1
+def set_l1_term(model, term):
+    """Sets the per-layer weights of `model`'s gate L1 term (see `DeepMoEModel`)."""
+    widths = [int(g.shape[-1]) for g in model.network.output["gates"]]
+    if term == "channel":
+        weights = [w / sum(widths) for w in widths]
+    else:
+        weights = [1 / len(widths)] * len(widths)
+    # A private attribute on purpose: the model has one term; this experiment swaps it.
+    model._gate_layer_weights = weights
+    return model
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--term", choices=["channel", "layer_mean"], required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="a new run directory")
     parser.add_argument("--recipe", default="deepmoe_resnet8_fashion_mnist")
@@ -46,15 +48,7 @@ def main():
 
     recipe = recipes.load_recipe(args.recipe)
     build = runner.build_model
-
-    def build_channel_weighted(recipe, data=None):
-        model = build(recipe, data)
-        widths = [int(g.shape[-1]) for g in model.network.output["gates"]]
-        deepmoe.reg_fn.l1_gate_sparsity = channel_weighted(widths, layer_mean_l1)
-        return model
-
-    layer_mean_l1 = deepmoe.reg_fn.l1_gate_sparsity
-    runner.build_model = build_channel_weighted
+    runner.build_model = lambda recipe, data=None: set_l1_term(build(recipe, data), args.term)
     result = runner.train_recipe(recipe, args.out, seed=args.seed, verbose=2)
     report = report_lib.make_report(result.model, result.data, result.history, recipe=recipe,
                                     seconds=result.seconds)
