@@ -50,6 +50,26 @@ def free_ports(count):
     return ports
 
 
+def finish_all(processes, timeout):
+    """Waits for every `subprocess.Popen` (text stdout); kills them all if one times out.
+
+    Returns their outputs, after asserting that each exited with status 0.
+    """
+    import subprocess
+
+    outputs = []
+    for process in processes:
+        try:
+            outputs.append(process.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-4000:]
+    return outputs
+
+
 # A tiny two-domain MoE recipe (conv gate, entropy gate loss: no gate noise, so replicas
 # and workers must reproduce one device exactly), shared by the distribution tests.
 TINY_TWO_DOMAIN_RECIPE = """

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from keras_moe.distribute import STRATEGIES, get_strategy
 
-from conftest import LOGICAL_CPUS, free_ports
+from conftest import LOGICAL_CPUS, finish_all, free_ports
 
 WORKERS = os.path.join(os.path.dirname(__file__), "_workers")
 sys.path.insert(0, WORKERS)
@@ -99,16 +99,7 @@ def test_two_worker_processes_match_one_process(tmp_path):
              str(tmp_path / f"worker{index}.npz")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-4000:]
+    for output in finish_all(processes, 180):
         assert "TRAINED 2" in output, output[-4000:]
 
     # The reference: one process, one device, the full global batches, `model.fit`.

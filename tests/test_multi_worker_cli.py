@@ -19,7 +19,7 @@ import pytest
 
 from keras_moe.training import runner
 
-from conftest import TINY_TWO_DOMAIN_RECIPE, free_ports
+from conftest import TINY_TWO_DOMAIN_RECIPE, finish_all, free_ports
 
 RECIPE = TINY_TWO_DOMAIN_RECIPE
 
@@ -52,16 +52,7 @@ def test_two_worker_cli_run_matches_one_process(tmp_path):
         processes.append(_train(str(recipe), multi, env))
     # The reference, alongside: one process, the default strategy, the same global batches.
     processes.append(_train(str(recipe), single, dict(base, _STRATEGY="default")))
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=TIMEOUT)[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-4000:]
+    outputs = finish_all(processes, TIMEOUT)
     assert "non-chief worker" in outputs[1] and "non-chief worker" not in outputs[0]
 
     # Only the chief wrote a run directory, and the non-chief cleaned up after itself.
