@@ -17,9 +17,11 @@ exactly 32 MiB, and so is its gradient: glibc's malloc serves every block of tha
 with a fresh mmap, so each training step page-faults 64 MiB of new gradient memory in
 (~17,000 faults, ~50 ms of CPU time on the 2-core machine) that smaller tensors, and the
 floor's, never pay. TensorFlow's own pooling
-allocator avoids it; to measure without that cost, for every candidate alike:
+allocator avoids it, and so does telling glibc to keep freed memory for reuse; to measure
+without that cost, for every candidate alike:
 
     TF_CPU_ALLOCATOR_USE_BFC=true python benchmarks/moe_dense.py
+    python benchmarks/moe_dense.py --keep-freed-memory
 """
 
 import argparse
@@ -33,6 +35,25 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_moe.layers import MoEDense  # noqa: E402
+
+
+def keep_freed_memory():
+    """Makes glibc's malloc keep freed memory for reuse rather than unmapping it.
+
+    `mallopt(M_MMAP_MAX, 0)`: no block is served by its own mmap (glibc caps the mmap
+    threshold at 32 MiB, so a 32 MiB gradient always would be); `mallopt(M_TRIM_THRESHOLD,
+    1 GiB)`: freed memory is not returned to the system. Affects the whole process, from
+    the call on; only for glibc (raises SystemExit elsewhere).
+    """
+    import ctypes
+
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError) as error:
+        raise SystemExit(f"--keep-freed-memory needs glibc's mallopt: {error}")
+    if not (mallopt(m_trim_threshold, 1 << 30) and mallopt(m_mmap_max, 0)):
+        raise SystemExit("--keep-freed-memory: mallopt refused the settings.")
 
 
 def make_moe(num_experts, args, dispatch):
@@ -100,7 +121,13 @@ def main():
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--modes", nargs="+", default=["sparse", "capacity", "dense"])
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true",
+        help="glibc keeps freed memory for reuse (see keep_freed_memory), for every candidate",
+    )
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
 
     tf.random.set_seed(0)
     inputs = tf.random.normal((args.tokens, args.dim))
@@ -121,7 +148,8 @@ def main():
         f"floor = dense FFN over {args.k * args.tokens} assignments: "
         f"forward {floor_f * 1e3:.1f} ms, train step {floor_t * 1e3:.1f} ms "
         f"(median of {args.reps}, TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, "
-        f"TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC', 'unset')})"
+        f"TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC', 'unset')}, "
+        f"keep-freed-memory {args.keep_freed_memory})"
     )
     print()
     print("| experts | dispatch | forward ms | forward / floor | train step ms | train / floor |")
