@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = ["BenchmarkResult", "benchmark_recipe", "run_suite", "SUITES"]
 
-SUITES = ("moe_dense", "deepmoe", "data_pipeline")
+SUITES = ("moe_dense", "moe_dense_breakdown", "deepmoe", "data_pipeline")
 
 
 @dataclasses.dataclass

@@ -485,10 +485,12 @@ def build_parser():
                       help="1 keras-tuner's trial reports, 2 also a line per epoch, 0 none")
     tune.set_defaults(handler=_tune)
 
+    from keras_moe.benchmarking import SUITES
+
     bench = commands.add_parser("bench", help="training throughput and batch-1 latency")
     _add_recipe_flags(bench, epochs=False)
     bench.add_argument("--steps", type=int, default=20)
-    bench.add_argument("--suite", choices=["moe_dense", "deepmoe", "data_pipeline"],
+    bench.add_argument("--suite", choices=SUITES,
                        help="run one of the repository's benchmarks/ scripts instead")
     bench.add_argument("--suite-args", default="",
                        help="arguments for the --suite script, as one quoted string")

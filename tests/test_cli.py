@@ -1,10 +1,13 @@
 """The `keras-moe` console script."""
 
+import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import keras_moe
-from keras_moe import cli
+from keras_moe import benchmarking, cli
 
 
 def test_version_and_info_report_the_installation(capsys):
@@ -39,3 +42,10 @@ def test_list_prints_every_registered_model_with_its_description(monkeypatch, ca
     assert cli.main(["list", "moe"]) == 0
     assert capsys.readouterr().out.split() == ["alpha_moe", "Alpha", "model."]
     assert cli.main(["list", "zzz"]) == 1
+
+
+def test_bench_suites_are_exactly_the_benchmark_scripts():
+    benchmarks = pathlib.Path(benchmarking.__file__).resolve().parent.parent / "benchmarks"
+    assert sorted(benchmarking.SUITES) == sorted(p.stem for p in benchmarks.glob("*.py"))
+    with pytest.raises(ValueError, match="suite must be one of moe_dense, "):
+        benchmarking.run_suite("moe_sparse")
