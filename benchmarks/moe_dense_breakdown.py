@@ -5,6 +5,9 @@ to the floor (one dense feed-forward network over the same k * tokens assignment
 one interleaved run, so their sizes can be compared with each other and with the
 targets. Rows (for the largest `--experts`, the issue's sizes by default):
 
+- reading every expert weight once (a sum over them): the memory traffic a forward pass
+  over all experts cannot avoid (64 MiB at 64 experts; the floor's weights are 1 MiB and
+  stay in cache).
 - router: the gate's logits matmul and top-k selection alone. The floor has no router.
 - routing: router, sort by expert, dispatch gather and gate-weighted combine, with
   identity experts: the whole layer minus the experts' matmuls.
@@ -91,6 +94,7 @@ def main():
     parts = {
         "floor forward": lambda: reduced(floor(floor_inputs)),
         "sparse forward": lambda: reduced(layer(tokens, training=False)),
+        "reading every expert weight once": lambda: reduced(hidden_kernels, output_kernels),
         "router (gate matmul + top-k)": router,
         "routing (router, sort, gathers, combine)": routing_only,
         "layer 1 GEMM, one matmul": lambda: reduced(tf.matmul(floor_inputs, hidden_kernels[0])),
