@@ -47,7 +47,6 @@ shared machine hits all candidates alike; read the ratios rather than the absolu
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -55,6 +54,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from keras_moe.benchmarking import interleaved_medians  # noqa: E402
 from keras_moe.inference import SkipChannelRunner  # noqa: E402
 from keras_moe.layers.gates import ReLUGate  # noqa: E402
 from keras_moe.zoo import deepmoe  # noqa: E402
@@ -82,19 +82,6 @@ def force_density(model, open_fraction, seed=0):
 def open_fraction(model, images):
     gates = model.network(images, training=False)["gates"]
     return float(np.mean([np.mean(np.asarray(g) > 0) for g in gates]))
-
-
-def median_times(candidates, reps, warmup=2):
-    for fn in candidates.values():  # trace and warm up
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in candidates}
-    for _ in range(reps):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: float(np.median(times)) for name, times in samples.items()}
 
 
 def forward_fn(model, images):
@@ -151,7 +138,7 @@ def main():
         "ResNet-56 at 1/16 width": forward_fn(sliver, image),
         "ResNet-56 at 1/16 width, same executor": lambda: sliver_runner(image).numpy(),
     }
-    times = median_times(candidates, args.latency_reps, warmup=5)
+    times = interleaved_medians(candidates, args.latency_reps, warmup=5)
     base = times["ResNet-56"]
     dense_wide = times["dense wide ResNet-56"]
     skip = times["wide-DeepMoE-56, skip path"]
@@ -191,7 +178,7 @@ def main():
         "narrow DeepMoE-56": train_fn(deepmoe.deepmoe_resnet56(), images, labels),
         "ResNet-56": train_fn(deepmoe.resnet56(), images, labels),
     }
-    times = median_times(train, args.train_reps, warmup=2)
+    times = interleaved_medians(train, args.train_reps, warmup=2)
     rate = {name: args.batch / seconds for name, seconds in times.items()}
     ratio = rate["narrow DeepMoE-56"] / rate["ResNet-56"]
     print()

@@ -26,7 +26,6 @@ without that cost, for every candidate alike:
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -34,6 +33,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from keras_moe.benchmarking import interleaved_medians  # noqa: E402
 from keras_moe.layers import MoEDense  # noqa: E402
 
 
@@ -99,19 +99,6 @@ def compiled_steps(layer, inputs):
     return forward, train_step
 
 
-def median_times(candidates, reps):
-    for fn in candidates.values():  # trace and warm up
-        fn()
-        fn()
-    samples = {name: [] for name in candidates}
-    for _ in range(reps):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn().numpy()
-            samples[name].append(time.perf_counter() - start)
-    return {name: float(np.median(times)) for name, times in samples.items()}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
@@ -140,7 +127,9 @@ def main():
             forward, train = compiled_steps(make_moe(num_experts, args, mode), inputs)
             candidates[(mode, num_experts, "forward")] = forward
             candidates[(mode, num_experts, "train")] = train
-    times = median_times(candidates, args.reps)
+    times = interleaved_medians(
+        {name: (lambda fn=fn: fn().numpy()) for name, fn in candidates.items()}, args.reps
+    )
 
     floor_f, floor_t = times[("floor", 0, "forward")], times[("floor", 0, "train")]
     print(

@@ -25,12 +25,13 @@ targets. Rows (for the largest `--experts`, the issue's sizes by default):
 import argparse
 import os
 
-from moe_dense import keep_freed_memory, make_floor, make_moe, median_times
+from moe_dense import keep_freed_memory, make_floor, make_moe
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
+from keras_moe.benchmarking import interleaved_medians  # noqa: E402
 from keras_moe.layers import dispatch  # noqa: E402
 
 
@@ -111,8 +112,9 @@ def main():
             tf.stack(weight_grads(hidden_rows, output_grads))
         ),
     }
-    times = median_times(
-        {name: tf.function(fn, jit_compile=False) for name, fn in parts.items()}, args.reps
+    compiled = {name: tf.function(fn, jit_compile=False) for name, fn in parts.items()}
+    times = interleaved_medians(
+        {name: (lambda fn=fn: fn().numpy()) for name, fn in compiled.items()}, args.reps
     )
 
     floor_ms = times["floor forward"]

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-__all__ = ["BenchmarkResult", "benchmark_recipe", "run_suite", "SUITES"]
+__all__ = ["BenchmarkResult", "benchmark_recipe", "interleaved_medians", "run_suite", "SUITES"]
 
 SUITES = ("moe_dense", "moe_dense_breakdown", "deepmoe", "data_pipeline")
 
@@ -55,6 +55,34 @@ class BenchmarkResult:
             f"serving    {self.latency_median * 1e3:10.2f} ms median, "
             f"{self.latency_p90 * 1e3:.2f} ms p90  (batch 1)",
         ])
+
+
+def interleaved_medians(candidates, reps, warmup=2):
+    """Median seconds of each callable, timed in rounds that run every candidate once.
+
+    Interleaving spreads changes in the load of a shared machine over all candidates
+    alike, so their ratios stay meaningful when absolute times drift. Each candidate is
+    called `warmup` times first (tracing, allocation) and must block until its work is
+    done (for example by returning `tensor.numpy()`).
+
+    Args:
+        candidates: Dict of name -> callable taking no arguments.
+        reps: Timed rounds.
+        warmup: Untimed calls of each candidate before the first round.
+
+    Returns:
+        Dict of name -> median seconds, in the order of `candidates`.
+    """
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: float(np.median(times)) for name, times in samples.items()}
 
 
 def _timed(function, repeats):

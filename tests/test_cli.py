@@ -49,3 +49,28 @@ def test_bench_suites_are_exactly_the_benchmark_scripts():
     assert sorted(benchmarking.SUITES) == sorted(p.stem for p in benchmarks.glob("*.py"))
     with pytest.raises(ValueError, match="suite must be one of moe_dense, "):
         benchmarking.run_suite("moe_sparse")
+
+
+def test_interleaved_medians_times_candidates_in_rounds(monkeypatch):
+    calls = []
+    durations = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 7.0, 5.0])}
+    clock = [0.0]
+    timing = [False]
+
+    def candidate(name):
+        def run():
+            calls.append(name)
+            if timing[0]:
+                clock[0] += next(durations[name])
+        return run
+
+    def perf_counter():
+        timing[0] = True
+        return clock[0]
+
+    monkeypatch.setattr(benchmarking.time, "perf_counter", perf_counter)
+    medians = benchmarking.interleaved_medians(
+        {"a": candidate("a"), "b": candidate("b")}, reps=3, warmup=2
+    )
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert medians == {"a": 2.0, "b": 5.0}

@@ -25,12 +25,13 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from keras_moe.benchmarking import interleaved_medians  # noqa: E402
 
 SOURCE = pathlib.Path(__file__).with_name("grouped_gemm.cc")
 
@@ -68,19 +69,6 @@ def check(ops, rows, kernels, grads, group_sizes):
         ops.keras_moe_grouped_weight_grad(rows, grads, sizes).numpy(), expected_dw,
         rtol=1e-4, atol=1e-3,
     )
-
-
-def median_ms(candidates, reps):
-    for fn in candidates.values():
-        fn()
-        fn()
-    samples = {name: [] for name in candidates}
-    for _ in range(reps):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn().numpy()
-            samples[name].append(time.perf_counter() - start)
-    return {name: 1e3 * float(np.median(s)) for name, s in samples.items()}
 
 
 def main():
@@ -134,7 +122,13 @@ def main():
             "weight grad, grouped op": lambda: tf.reduce_sum(
                 ops.keras_moe_grouped_weight_grad(hidden, grads, sizes)),
         }
-        times = median_ms({k: tf.function(f) for k, f in candidates.items()}, args.reps)
+        compiled = {name: tf.function(fn) for name, fn in candidates.items()}
+        times = {
+            name: 1e3 * seconds for name, seconds in interleaved_medians(
+                {name: (lambda fn=fn: fn().numpy()) for name, fn in compiled.items()},
+                args.reps,
+            ).items()
+        }
 
     print(f"{args.experts} experts, {args.rows} rows ({group_sizes.min()}-"
           f"{group_sizes.max()} per expert), d {args.dim}, hidden {args.hidden}; "
