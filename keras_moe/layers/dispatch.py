@@ -4,8 +4,9 @@ Three strategies give the same result when nothing is dropped:
 
 - `dense_combine`: every expert runs on every token; the reference, O(E) compute.
 - `sparse_dispatch`: dropless. Assignments are sorted by expert, each expert runs one
-  matmul on exactly its tokens, and a weighted segment sum puts the outputs back. Its
-  shapes depend on the routing, so it is the one TensorFlow-specific function here.
+  matmul on exactly its tokens, and a gather through the inverse of the sort puts each
+  token's k outputs back for the gate-weighted sum. Its shapes depend on the routing,
+  so it (with `grouped_ffn`) is the TensorFlow-specific part here.
 - `capacity_dispatch`: static shapes for XLA and TPUs. Each expert has `capacity` slots;
   assignments beyond it are dropped (their contribution is zero) and counted.
 """
