@@ -98,27 +98,30 @@ def main():
         one_group = tf.constant([args.rows], tf.int32)
         first_kernel = kernels[:1]
 
-        def per_expert(x, y, **kwargs):
+        def split(tensor):
+            return tf.split(tensor, sizes, num=args.experts)
+
+        def per_expert_forward():
+            return [tf.matmul(r, w) for r, w in zip(split(rows), tf.unstack(kernels))]
+
+        def per_expert_weight_grads():
             return [
-                tf.matmul(a, b, **kwargs)
-                for a, b in zip(tf.split(x, sizes, num=args.experts),
-                                y if isinstance(y, list) else
-                                tf.split(y, sizes, num=args.experts))
+                tf.matmul(h, g, transpose_a=True) for h, g in zip(split(hidden), split(grads))
             ]
 
         candidates = {
             "forward, TF one matmul (floor)": lambda: tf.reduce_sum(
                 tf.matmul(rows, first_kernel[0])),
-            "forward, TF per expert": lambda: tf.add_n([
-                tf.reduce_sum(t) for t in per_expert(rows, tf.unstack(kernels))]),
+            "forward, TF per expert": lambda: tf.add_n(
+                [tf.reduce_sum(t) for t in per_expert_forward()]),
             "forward, grouped op": lambda: tf.reduce_sum(
                 ops.keras_moe_grouped_mat_mul(rows, kernels, sizes)),
             "forward, grouped op, all rows one expert": lambda: tf.reduce_sum(
                 ops.keras_moe_grouped_mat_mul(rows, first_kernel, one_group)),
             "weight grad, TF one matmul (floor)": lambda: tf.reduce_sum(
                 tf.matmul(hidden, grads, transpose_a=True)),
-            "weight grad, TF per expert, stacked": lambda: tf.reduce_sum(tf.stack(
-                per_expert(hidden, grads, transpose_a=True))),
+            "weight grad, TF per expert, stacked": lambda: tf.reduce_sum(
+                tf.stack(per_expert_weight_grads())),
             "weight grad, grouped op": lambda: tf.reduce_sum(
                 ops.keras_moe_grouped_weight_grad(hidden, grads, sizes)),
         }
