@@ -127,9 +127,7 @@ def main():
             forward, train = compiled_steps(make_moe(num_experts, args, mode), inputs)
             candidates[(mode, num_experts, "forward")] = forward
             candidates[(mode, num_experts, "train")] = train
-    times = interleaved_medians(
-        {name: (lambda fn=fn: fn().numpy()) for name, fn in candidates.items()}, args.reps
-    )
+    times = interleaved_medians(candidates, args.reps)
 
     floor_f, floor_t = times[("floor", 0, "forward")], times[("floor", 0, "train")]
     print(

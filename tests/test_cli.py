@@ -74,3 +74,19 @@ def test_interleaved_medians_times_candidates_in_rounds(monkeypatch):
     )
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
     assert medians == {"a": 2.0, "b": 5.0}
+
+
+def test_interleaved_medians_reads_tensor_results_inside_the_timing(monkeypatch):
+    events = []
+
+    class Tensor:
+        def numpy(self):
+            events.append("read")
+
+    def perf_counter():
+        events.append("clock")
+        return 0.0
+
+    monkeypatch.setattr(benchmarking.time, "perf_counter", perf_counter)
+    benchmarking.interleaved_medians({"t": Tensor}, reps=1, warmup=0)
+    assert events == ["clock", "read", "clock"]
