@@ -1,12 +1,23 @@
-"""Test-session set-up: two logical CPU devices, so tf.distribute tests run on one CPU.
+"""Test-session set-up: devices, and which tests run on which Keras backend.
 
-This must happen before TensorFlow initialises its devices, hence at conftest import.
+- Two logical CPU devices, so tf.distribute tests run on one CPU; this must happen
+  before TensorFlow initialises its devices, hence at conftest import.
+- `KERAS_BACKEND` picks the backend (TensorFlow by default). Under JAX, eight virtual
+  CPU devices (`--xla_force_host_platform_device_count=8`) for the multi-device tests,
+  and only the tests marked `multi_backend` run: the rest are TensorFlow-only by nature
+  (tf.distribute, SavedModel serving, the command line's TensorFlow paths).
 """
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if os.environ["KERAS_BACKEND"] == "jax" and "xla_force_host_platform_device_count" not in (
+    os.environ.get("XLA_FLAGS", "")
+):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import tensorflow as tf  # noqa: E402
 
@@ -23,6 +34,17 @@ LOGICAL_CPUS = [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Off TensorFlow, run only the tests marked `multi_backend`."""
+    if os.environ["KERAS_BACKEND"] == "tensorflow":
+        return
+    selected = [item for item in items if item.get_closest_marker("multi_backend")]
+    deselected = [item for item in items if not item.get_closest_marker("multi_backend")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @pytest.fixture(scope="session")

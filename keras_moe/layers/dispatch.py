@@ -5,8 +5,10 @@ Three strategies give the same result when nothing is dropped:
 - `dense_combine`: every expert runs on every token; the reference, O(E) compute.
 - `sparse_dispatch`: dropless. Assignments are sorted by expert, each expert runs one
   matmul on exactly its tokens, and a gather through the inverse of the sort puts each
-  token's k outputs back for the gate-weighted sum. Its shapes depend on the routing,
-  so it (with `grouped_ffn`) is the TensorFlow-specific part here.
+  token's k outputs back for the gate-weighted sum. The grouped matmul is the
+  backend-specific part here: on TensorFlow one matmul per expert with a hand-written
+  gradient (`grouped_ffn`, dynamic shapes); on JAX `jax.lax.ragged_dot` (static shapes,
+  the row count per expert is data). `keras.ops` has no grouped matmul.
 - `capacity_dispatch`: static shapes for XLA and TPUs. Each expert has `capacity` slots;
   assignments beyond it are dropped (their contribution is zero) and counted.
 """
@@ -28,9 +30,10 @@ def sparse_dispatch(tokens, top_k_indices, top_k_gates, num_experts, grouped_exp
     Assignments are sorted by expert (a stable sort, so each expert sees its tokens in
     order); `position[a]` is where assignment `a` lands in that order. Combining reads
     each token's k expert outputs back with one gather through `position` rather than
-    scatter-adding them: the gather is a permutation, so its gradient is the gather
-    through the inverse permutation, and the dispatch gather's gradient sums each
-    token's k rows the same way (both cheaper than segment sums on the CPU).
+    scatter-adding them. On TensorFlow the gathers have hand-written gradients: the
+    gather is a permutation, so its gradient is the gather through the inverse
+    permutation, and the dispatch gather's gradient sums each token's k rows the same
+    way (both cheaper than segment sums on the CPU). On JAX autodiff does the same.
 
     Args:
         tokens: (tokens, features) inputs.
@@ -46,11 +49,22 @@ def sparse_dispatch(tokens, top_k_indices, top_k_gates, num_experts, grouped_exp
     Returns:
         (tokens, units): sum over a token's assignments of gate * expert output.
     """
-    if keras.backend.backend() != "tensorflow":
-        raise NotImplementedError(
-            "dispatch='sparse' needs the TensorFlow backend (its shapes depend on the "
-            "routing); use dispatch='capacity' on other backends."
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _sparse_dispatch_tf(
+            tokens, top_k_indices, top_k_gates, num_experts, grouped_expert_fn
         )
+    if backend == "jax":
+        return _sparse_dispatch_jax(
+            tokens, top_k_indices, top_k_gates, num_experts, grouped_expert_fn
+        )
+    raise NotImplementedError(
+        f"dispatch='sparse' is implemented for the TensorFlow and JAX backends, not "
+        f"{backend!r}; use dispatch='capacity' or 'dense'."
+    )
+
+
+def _sparse_dispatch_tf(tokens, top_k_indices, top_k_gates, num_experts, grouped_expert_fn):
     import tensorflow as tf
 
     k = top_k_indices.shape[-1]
@@ -68,6 +82,27 @@ def sparse_dispatch(tokens, top_k_indices, top_k_gates, num_experts, grouped_exp
     )
     gates = tf.cast(top_k_gates, expert_outputs.dtype)
     return tf.reduce_sum(per_token * gates[:, :, None], axis=1)
+
+
+def _sparse_dispatch_jax(tokens, top_k_indices, top_k_gates, num_experts, grouped_expert_fn):
+    import jax.numpy as jnp
+
+    num_tokens, k = top_k_indices.shape
+    expert_ids = jnp.reshape(top_k_indices, (-1,))  # assignment t * k + j
+    order = jnp.argsort(expert_ids, stable=True)  # sorted row -> assignment
+    # The inverse permutation, assignment -> sorted row, written as a scatter of a
+    # range (cheaper than a second sort).
+    position = jnp.zeros_like(order).at[order].set(
+        jnp.arange(order.shape[0], dtype=order.dtype)
+    )
+    tokens_per_expert = jnp.bincount(expert_ids, length=num_experts).astype("int32")
+    expert_inputs = jnp.take(tokens, order // k, axis=0)
+    expert_outputs = grouped_expert_fn(expert_inputs, tokens_per_expert)
+    per_token = jnp.reshape(
+        jnp.take(expert_outputs, position, axis=0), (num_tokens, k, expert_outputs.shape[-1])
+    )
+    gates = top_k_gates.astype(expert_outputs.dtype)
+    return jnp.sum(per_token * gates[:, :, None], axis=1)
 
 
 def _rows_of_assignments(tokens, sorted_token_ids, position, k):
@@ -124,13 +159,17 @@ def _matmul_kernel_t(rows, kernel):
 
 
 def grouped_ffn(inputs, tokens_per_expert, layers, hidden_activation=None):
-    """Per-expert feed-forward network on rows sorted by expert (TensorFlow only).
+    """Per-expert feed-forward network on rows sorted by expert.
 
     Row block e of `inputs` (`tokens_per_expert[e]` rows, in order) goes through expert
     e: `z = h W_e + b_e` for each `(W, b)` in `layers`, with `hidden_activation` between
-    consecutive layers (not after the last one). Each layer is one matmul per expert.
+    consecutive layers (not after the last one).
 
-    The gradient is written by hand rather than left to autodiff: each stacked weight's
+    On JAX each layer is one `jax.lax.ragged_dot` (the grouped matmul; a real grouped
+    kernel on GPU and TPU, a masked dense product costing about `experts` times the
+    work on the CPU). On TensorFlow each layer is one matmul per expert.
+
+    TensorFlow's gradient is written by hand rather than left to autodiff: each stacked weight's
     gradient is packed once from the per-expert matmuls (autodiff adds, per expert and
     per bias, broadcast-reduction ops with dynamic shapes), the input gradients of
     small experts use the faster transposed product (`_matmul_kernel_t`), and the
@@ -147,6 +186,39 @@ def grouped_ffn(inputs, tokens_per_expert, layers, hidden_activation=None):
     Returns:
         (n, units) outputs of the last layer, before any output activation.
     """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _grouped_ffn_jax(inputs, tokens_per_expert, layers, hidden_activation)
+    if backend != "tensorflow":
+        raise NotImplementedError(
+            f"grouped_ffn runs on the TensorFlow and JAX backends, not {backend!r}."
+        )
+    return _grouped_ffn_tf(inputs, tokens_per_expert, layers, hidden_activation)
+
+
+def _grouped_ffn_jax(inputs, tokens_per_expert, layers, hidden_activation):
+    import jax
+    import jax.numpy as jnp
+
+    num_experts = layers[0][0].shape[0]
+    row_expert = None  # the expert of each sorted row, for the biases
+    h = inputs
+    last = len(layers) - 1
+    for index, (kernel, bias) in enumerate(layers):
+        h = jax.lax.ragged_dot(h, kernel, tokens_per_expert)
+        if bias is not None:
+            if row_expert is None:
+                row_expert = jnp.repeat(
+                    jnp.arange(num_experts), tokens_per_expert,
+                    total_repeat_length=inputs.shape[0],
+                )
+            h = h + jnp.take(bias, row_expert, axis=0)
+        if index < last and hidden_activation is not None:
+            h = hidden_activation(h)
+    return h
+
+
+def _grouped_ffn_tf(inputs, tokens_per_expert, layers, hidden_activation):
     import tensorflow as tf
 
     num_experts = layers[0][0].shape[0]

@@ -125,6 +125,9 @@ class SoftmaxGate(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
 
+    # Its `"load"` is a hard count (no gradient); `LoadLoss` is refused on it.
+    smooth_load = False
+
     def build(self, input_shape):
         input_dim = validation.last_dim(self, input_shape)
         width = input_dim
@@ -233,6 +236,11 @@ class NoisyTopKGate(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+
+    @property
+    def smooth_load(self):
+        """Whether the training-time `"load"` is the differentiable estimator."""
+        return self.noisy and self.top_k < self.num_experts
 
     def build(self, input_shape):
         input_dim = validation.last_dim(self, input_shape)

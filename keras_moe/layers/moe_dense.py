@@ -13,10 +13,26 @@ GATES = ("softmax", "noisy_top_k")
 DISPATCH_MODES = ("sparse", "capacity", "dense")
 
 
+SPARSE_BACKENDS = ("tensorflow", "jax")
+
+
 def _default_dispatch(top_k):
+    """Dense for soft gating; for top-k the fastest dropless-or-static mode at hand.
+
+    TensorFlow: sparse. JAX: sparse (`jax.lax.ragged_dot`) on GPUs and TPUs, capacity on
+    the CPU, where `ragged_dot` lowers to a masked dense product over every expert (see
+    `benchmarks/moe_dense.py --backend jax`). Other backends: capacity.
+    """
     if top_k is None:
         return "dense"
-    return "sparse" if keras.backend.backend() == "tensorflow" else "capacity"
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return "sparse"
+    if backend == "jax":
+        import jax
+
+        return "capacity" if jax.default_backend() == "cpu" else "sparse"
+    return "capacity"
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -64,10 +80,13 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         activation: Activation of each expert's output (Eigen: "relu").
         expert_hidden_activation: Activation of the experts' hidden layer.
         use_bias: Whether experts have biases.
-        dispatch: `"sparse"` (dropless, computes only the chosen experts; TensorFlow),
-            `"capacity"` (static shapes for XLA/TPU, drops overflow), `"dense"` (every
-            expert on every token) or None: sparse for top-k on TensorFlow, capacity for
-            top-k elsewhere, dense for soft gating. Sparse and capacity need `top_k`.
+        dispatch: `"sparse"` (dropless, computes only the chosen experts; TensorFlow
+            and JAX), `"capacity"` (static shapes for XLA/TPU, drops overflow),
+            `"dense"` (every expert on every token) or None: for top-k, sparse on
+            TensorFlow and on JAX with a GPU or TPU, capacity on JAX's CPU (where
+            `ragged_dot` computes every expert) and other backends; dense for soft
+            gating. Sparse and capacity need `top_k`. The dispatch mode changes no
+            weight: a model trained with one mode loads its weights into another.
         capacity_factor: Capacity mode's slack, > 0: each expert has
             `ceil(capacity_factor * top_k * tokens / num_experts)` slots.
         balance_loss: None, a regularizer (instance, registered name or config) from
@@ -145,9 +164,9 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 f"<= num_experts); with top_k=None every expert runs, use "
                 "dispatch='dense'."
             )
-        if self.dispatch == "sparse" and keras.backend.backend() != "tensorflow":
+        if self.dispatch == "sparse" and keras.backend.backend() not in SPARSE_BACKENDS:
             raise ValueError(
-                "`dispatch`='sparse' needs the TensorFlow backend; on "
+                "`dispatch`='sparse' needs the TensorFlow or JAX backend; on "
                 f"{keras.backend.backend()!r} use 'capacity' or 'dense'."
             )
         if self.assignment_margin is not None and self.top_k is not None:
@@ -161,15 +180,14 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
 
     def _make_gate(self, gate):
         if isinstance(gate, keras.layers.Layer):
-            gate_top_k = getattr(gate, "top_k", None)
-            if gate_top_k != self.top_k:
-                raise ValueError(
-                    f"`gate` has top_k={gate_top_k} but the layer has top_k={self.top_k}; "
-                    "they must agree."
-                )
-            return gate
+            return self._check_gate_layer(gate)
         if isinstance(gate, dict):
             return self._make_gate(keras.saving.deserialize_keras_object(gate))
+        if not isinstance(gate, str):
+            raise ValueError(
+                f"`gate` must be one of {', '.join(map(repr, GATES))} or a gate layer "
+                f"(e.g. keras_moe.layers.SoftmaxGate); got {gate!r}"
+            )
         validation.one_of("gate", gate, GATES)
         if gate == "softmax":
             return SoftmaxGate(
@@ -185,8 +203,30 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             )
         return NoisyTopKGate(self.num_experts, top_k=self.top_k, name="gate")
 
-    @staticmethod
-    def _make_regularizers(balance_loss):
+    def _check_gate_layer(self, gate):
+        """A gate layer passed as `gate` must agree with this layer on experts and k."""
+        gate_experts = getattr(gate, "num_experts", None)
+        if gate_experts is None:
+            raise ValueError(
+                f"`gate` must be one of {', '.join(map(repr, GATES))} or a gate layer "
+                "with a `num_experts` attribute that returns the gate-output dict of "
+                "keras_moe.layers.gates (SoftmaxGate, NoisyTopKGate, TSNEGate, ...); got "
+                f"a {type(gate).__name__} layer without `num_experts`."
+            )
+        if gate_experts != self.num_experts:
+            raise ValueError(
+                f"`gate` has num_experts={gate_experts} but the layer has "
+                f"num_experts={self.num_experts}; they must agree."
+            )
+        gate_top_k = getattr(gate, "top_k", None)
+        if gate_top_k != self.top_k:
+            raise ValueError(
+                f"`gate` has top_k={gate_top_k} but the layer has top_k={self.top_k}; "
+                "they must agree."
+            )
+        return gate
+
+    def _make_regularizers(self, balance_loss):
         if balance_loss is None:
             return []
         if not isinstance(balance_loss, (list, tuple)):
@@ -194,17 +234,22 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         resolved = []
         for item in balance_loss:
             try:
-                resolved.append(regularizers.get(item))
+                regularizer = regularizers.get(item)
             except (TypeError, ValueError) as error:
                 raise ValueError(
                     "`balance_loss` must be None, a regularizer from "
                     "keras_moe.regularizers (instance, registered name or config) or a "
                     f"list of them; got {item!r}: {error}"
                 ) from error
+            regularizers.check_gate_supports(regularizer, self.gate, "balance_loss")
+            resolved.append(regularizer)
         return resolved
 
     def build(self, input_shape):
         input_dim = validation.last_dim(self, input_shape)
+        # Inputs of another width then fail in Keras's input check, naming this layer
+        # and the expected width, not inside a matmul.
+        self.input_spec = keras.InputSpec(min_ndim=2, axes={-1: input_dim})
         if not self.gate.built:
             self.gate.build((None, input_dim))
         experts = self.num_experts
@@ -254,7 +299,10 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 dtype="float32",
                 aggregation="only_first_replica",
             )
-        if self.dispatch == "capacity":
+        if self.top_k is not None:
+            # Every top-k layer keeps both counters, whatever its dispatch mode (only
+            # capacity dispatch drops), so that weights move between dispatch modes:
+            # train sparse, serve capacity under XLA, and back.
             self.dropped_assignments = self.add_weight(
                 name="dropped_assignments",
                 shape=(),
@@ -345,20 +393,26 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             kept = kept / ops.maximum(ops.sum(kept), 1e-30)
             return totals + kept, allowed
 
+        start = ops.convert_to_tensor(self.assignment_totals)
+
         def constrained():
-            start = ops.convert_to_tensor(self.assignment_totals)
             totals, allowed = ops.scan(step, start, ops.stop_gradient(gates))
-            self.assignment_totals.assign_add(totals - start)
             kept = gates * allowed
             norm = ops.sum(kept, axis=-1, keepdims=True)
             # A row whose allowed experts all have gates that underflowed to 0 falls back
             # to uniform weights over the allowed experts instead of dividing by zero.
             uniform = allowed / ops.sum(allowed, axis=-1, keepdims=True)
-            return ops.where(norm > 1e-30, kept / ops.maximum(norm, 1e-30), uniform)
+            kept = ops.where(norm > 1e-30, kept / ops.maximum(norm, 1e-30), uniform)
+            return kept, totals - start
 
-        return ops.cond(
-            self.assignment_constraint_active > 0.5, constrained, lambda: gates
-        )
+        def free():
+            return gates, ops.zeros_like(start)
+
+        # The branches only compute; the running totals are updated after the cond, so
+        # that on JAX no traced value escapes a branch into the variable.
+        gates, added = ops.cond(self.assignment_constraint_active > 0.5, constrained, free)
+        self.assignment_totals.assign_add(added)
+        return gates
 
     # Forward ---------------------------------------------------------------------------
 
@@ -368,7 +422,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         leading_shape = tuple(ops.shape(inputs)[:-1])
         tokens = inputs if token_axes == 1 else ops.reshape(inputs, (-1, input_dim))
 
-        gate_outputs = dict(self.gate(tokens, training=training))
+        gate_outputs = self._gate_outputs(tokens, training)
         gates = gate_outputs["gates"]
         if training and self.assignment_margin is not None:
             gates = self._constrain_assignments(gates)
@@ -404,9 +458,9 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                     self._batched_experts,
                 )
                 self.dropped_assignments.assign_add(ops.cast(dropped, "float32"))
-                self.routed_assignments.assign_add(
-                    ops.cast(ops.size(top_k_indices), "float32")
-                )
+        if self.top_k is not None:
+            assignments = ops.shape(tokens)[0] * self.top_k
+            self.routed_assignments.assign_add(ops.cast(assignments, "float32"))
 
         if token_axes > 1:
             outputs = ops.reshape(outputs, leading_shape + (self.units,))
@@ -414,6 +468,22 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         if self.return_gates:
             return outputs, gates
         return outputs
+
+    def _gate_outputs(self, tokens, training):
+        outputs = self.gate(tokens, training=training)
+        if not isinstance(outputs, dict) or "gates" not in outputs:
+            raise ValueError(
+                f"`gate` ({type(self.gate).__name__} '{self.gate.name}') must return the "
+                "gate-output dict of keras_moe.layers.gates (at least 'gates', shape "
+                f"(tokens, {self.num_experts})); it returned {type(outputs).__name__}."
+            )
+        width = outputs["gates"].shape[-1]
+        if width is not None and width != self.num_experts:
+            raise ValueError(
+                f"`gate` ({type(self.gate).__name__} '{self.gate.name}') returned gates "
+                f"for {width} experts; the layer has num_experts={self.num_experts}."
+            )
+        return dict(outputs)
 
     def _top_k_assignments(self, gate_outputs):
         missing = [k for k in ("top_k_indices", "top_k_gates") if k not in gate_outputs]
@@ -426,16 +496,19 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
 
     @property
     def dropped_fraction(self):
-        """Fraction of token-assignments dropped by capacity dispatch since the last reset."""
-        if self.dispatch != "capacity":
+        """Fraction of token-assignments dropped by capacity dispatch since the last reset.
+
+        Always 0.0 for sparse and dense dispatch (they drop nothing) and soft gating.
+        """
+        if self.top_k is None:
             return 0.0
         routed = float(ops.convert_to_numpy(self.routed_assignments))
         dropped = float(ops.convert_to_numpy(self.dropped_assignments))
         return dropped / routed if routed else 0.0
 
     def reset_drop_counters(self):
-        """Zeroes the capacity-mode counters of dropped and routed assignments."""
-        if self.dispatch == "capacity":
+        """Zeroes the counters of dropped and routed assignments (top-k layers)."""
+        if self.top_k is not None:
             self.dropped_assignments.assign(0.0)
             self.routed_assignments.assign(0.0)
 

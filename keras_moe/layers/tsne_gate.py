@@ -413,6 +413,9 @@ class TSNEGate(keras.layers.Layer):
             else keras.initializers.get(positions_initializer)
         )
 
+    # Its `"load"` is a hard count (no gradient); `LoadLoss` is refused on it.
+    smooth_load = False
+
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         if self.mapping is None:

@@ -27,6 +27,7 @@ from keras_moe.regularizers.losses import LoadLoss
 from keras_moe.regularizers.losses import RouterZLoss
 from keras_moe.regularizers.losses import SwitchLoadBalanceLoss
 from keras_moe.regularizers.losses import VarianceGateLoss
+from keras_moe.regularizers.losses import check_gate_supports
 from keras_moe.regularizers.losses import deserialize
 from keras_moe.regularizers.losses import get
 from keras_moe.regularizers.losses import serialize
@@ -52,6 +53,7 @@ __all__ = [
     "batch_sum",
     "batch_variance_loss",
     "cross_replica_sum",
+    "check_gate_supports",
     "cv_squared",
     "deserialize",
     "entropy",

@@ -2,9 +2,13 @@
 
 Every function takes gate tensors of shape `(tokens, experts)` (any leading axes are
 flattened into tokens), computes in float32 and returns a float32 tensor. Every sum or mean
-over tokens goes through `batch_sum` / `batch_mean` from
-`keras_moe.regularizers.reduction`, so inside a `tf.distribute` replica context each term
+over tokens goes through `batch_sum` from `keras_moe.regularizers.reduction`, so inside a `tf.distribute` replica context each term
 is computed from the statistics of the *global* batch and equals the single-device value.
+
+A token whose gate values are not all finite (a NaN or infinite input reaches the gate
+as NaN logits) is left out of the batch statistics: it adds nothing to the sums and is
+not counted in the means, and no NaN reaches the other tokens' terms or gradients. The
+task loss of such a token is still NaN, which is where a bad input shows.
 
 Sources:
 
@@ -23,7 +27,6 @@ import math
 from keras import ops
 
 from keras_moe import validation
-from keras_moe.regularizers.reduction import batch_mean
 from keras_moe.regularizers.reduction import batch_sum
 
 __all__ = [
@@ -66,6 +69,39 @@ def _tokens(x, name):
     if rank > 2:
         x = ops.reshape(x, (-1, x.shape[-1]))
     return x
+
+
+def _finite_rows(*tensors):
+    """(tokens,) bool: True where every `(tokens, experts)` tensor's row is finite."""
+    keep = None
+    for tensor in tensors:
+        row = ops.all(ops.isfinite(tensor), axis=-1)
+        keep = row if keep is None else ops.logical_and(keep, row)
+    return keep
+
+
+def _zero_rows(x, keep):
+    """`x` with the rows where `keep` is False set to 0 (and no gradient through them).
+
+    Applied to the inputs, before any non-linear op, so that a NaN row contributes
+    neither a NaN value nor (through `0 * NaN` in the chain rule) a NaN gradient.
+    """
+    return ops.where(ops.expand_dims(keep, -1), x, ops.zeros_like(x))
+
+
+def _finite_tokens(x, name):
+    """`_tokens(x)` with non-finite rows zeroed, and the (tokens,) float32 row mask."""
+    x = _tokens(x, name)
+    keep = _finite_rows(x)
+    return _zero_rows(x, keep), ops.cast(keep, "float32")
+
+
+def _mean_over(values, weights):
+    """Mean of `values` (tokens, ...) over the global batch's tokens with weight 1."""
+    weights = ops.reshape(weights, (-1,) + (1,) * (len(values.shape) - 1))
+    total = batch_sum(values * weights)
+    count = batch_sum(ops.reshape(weights, (-1, 1)))[0]
+    return total / ops.maximum(count, 1.0)
 
 
 def _population_variance(x, axis):
@@ -117,7 +153,8 @@ def importance(gates):
     Returns:
         `(experts,)` float32 tensor.
     """
-    return batch_sum(_tokens(gates, "gates"))
+    gates, _ = _finite_tokens(gates, "gates")
+    return batch_sum(gates)
 
 
 def importance_cv_squared(gates):
@@ -184,6 +221,10 @@ def noisy_top_k_load(clean_logits, noisy_logits, noise_stddev, k):
     noisy_logits = _tokens(noisy_logits, "noisy_logits")
     _check_k(k, clean_logits.shape[-1])
     noise_stddev = ops.broadcast_to(_float32(noise_stddev), ops.shape(clean_logits))
+    keep = _finite_rows(clean_logits, noisy_logits, noise_stddev)
+    clean_logits = _zero_rows(clean_logits, keep)
+    noisy_logits = _zero_rows(noisy_logits, keep)
+    noise_stddev = _zero_rows(noise_stddev, keep)
 
     top_values, _ = ops.top_k(noisy_logits, k + 1, sorted=True)
     threshold_if_in = top_values[:, k : k + 1]
@@ -199,7 +240,7 @@ def noisy_top_k_load(clean_logits, noisy_logits, noise_stddev, k):
     smooth = _standard_normal_cdf(difference / safe_stddev)
     step = 0.5 * (1.0 + ops.sign(ops.stop_gradient(difference)))
     prob = ops.where(has_noise, smooth, step)
-    return batch_sum(prob)
+    return batch_sum(_zero_rows(prob, keep))
 
 
 def load_cv_squared(load):
@@ -246,13 +287,16 @@ def switch_load_balance(router_probs, dispatch_mask):
     """
     router_probs = _tokens(router_probs, "router_probs")
     dispatch_mask = ops.stop_gradient(_tokens(dispatch_mask, "dispatch_mask"))
+    keep = _finite_rows(router_probs, dispatch_mask)
+    router_probs = _zero_rows(router_probs, keep)
+    dispatch_mask = _zero_rows(dispatch_mask, keep)
     num_experts = ops.cast(ops.shape(router_probs)[-1], "float32")
     experts_per_token = ops.sum(dispatch_mask, axis=-1, keepdims=True)
     routed = ops.cast(ops.greater(experts_per_token, 0.0), "float32")
     share = dispatch_mask / ops.maximum(experts_per_token, 1.0)
     routed_tokens = ops.maximum(batch_sum(routed)[0], 1.0)
     fraction = batch_sum(share) / routed_tokens
-    mean_probs = batch_mean(router_probs)
+    mean_probs = _mean_over(router_probs, ops.cast(keep, "float32"))
     return num_experts * ops.sum(fraction * mean_probs)
 
 
@@ -272,8 +316,8 @@ def router_z_loss(logits):
     Returns:
         Scalar float32 tensor.
     """
-    logits = _tokens(logits, "logits")
-    return batch_mean(ops.square(ops.logsumexp(logits, axis=-1)))
+    logits, kept = _finite_tokens(logits, "logits")
+    return _mean_over(ops.square(ops.logsumexp(logits, axis=-1)), kept)
 
 
 def entropy(p, axis=-1):
@@ -311,7 +355,8 @@ def batch_entropy_loss(gates):
     Returns:
         Scalar float32 tensor.
     """
-    return -entropy(batch_mean(_tokens(gates, "gates")))
+    gates, kept = _finite_tokens(gates, "gates")
+    return -entropy(_mean_over(gates, kept))
 
 
 def sample_entropy_loss(gates):
@@ -329,7 +374,8 @@ def sample_entropy_loss(gates):
     Returns:
         Scalar float32 tensor.
     """
-    return batch_mean(entropy(_tokens(gates, "gates"), axis=-1))
+    gates, kept = _finite_tokens(gates, "gates")
+    return _mean_over(entropy(gates, axis=-1), kept)
 
 
 def batch_variance_loss(gates):
@@ -350,7 +396,8 @@ def batch_variance_loss(gates):
     Returns:
         Scalar float32 tensor.
     """
-    return _population_variance(batch_mean(_tokens(gates, "gates")), axis=-1)
+    gates, kept = _finite_tokens(gates, "gates")
+    return _population_variance(_mean_over(gates, kept), axis=-1)
 
 
 def sample_variance_loss(gates):
@@ -370,7 +417,8 @@ def sample_variance_loss(gates):
     Returns:
         Scalar float32 tensor.
     """
-    return -batch_mean(_population_variance(_tokens(gates, "gates"), axis=-1))
+    gates, kept = _finite_tokens(gates, "gates")
+    return -_mean_over(_population_variance(gates, axis=-1), kept)
 
 
 def l1_gate_sparsity(gates):
@@ -398,5 +446,7 @@ def l1_gate_sparsity(gates):
         raise ValueError(
             f"`gates` must have shape (batch, channels) (rank >= 2), got shape {gates.shape}"
         )
-    per_example = ops.mean(ops.abs(gates), axis=tuple(range(1, rank)))
-    return batch_mean(per_example)
+    flat = ops.reshape(gates, (-1, math.prod(gates.shape[1:])))
+    keep = _finite_rows(flat)
+    per_example = ops.mean(ops.abs(_zero_rows(flat, keep)), axis=-1)
+    return _mean_over(per_example, ops.cast(keep, "float32"))

@@ -31,6 +31,7 @@ __all__ = [
     "EntropyGateLoss",
     "VarianceGateLoss",
     "L1GateLoss",
+    "check_gate_supports",
     "get",
     "serialize",
     "deserialize",
@@ -67,6 +68,9 @@ class GateRegularizer:
     """
 
     required_keys = ()
+    # True for terms that are only meaningful when the gate's training-time `"load"` is
+    # a differentiable estimate (a gate's `smooth_load` attribute says whether it is).
+    needs_smooth_load = False
 
     def __call__(self, gate_outputs):
         """Returns the weighted scalar loss (float32) for a gate's outputs.
@@ -183,6 +187,9 @@ class LoadLoss(_CoefficientRegularizer):
 
     Reads `gate_outputs["load"]`, the per-expert load (the smooth estimate of
     `functional.noisy_top_k_load` for a noisy top-k gate in training, else hard counts).
+    A hard count has no gradient, so the layers refuse this loss on a gate whose load
+    is not smooth (`check_gate_supports`): a deterministic softmax or top-k gate, or a
+    noisy gate with `noisy=False`. Use `ImportanceLoss` or `SwitchLoadBalanceLoss` there.
 
     Minimum: 0, reached when every expert has the same load.
 
@@ -198,6 +205,7 @@ class LoadLoss(_CoefficientRegularizer):
     """
 
     required_keys = ("load",)
+    needs_smooth_load = True
 
     def __init__(self, coefficient=1e-2):
         super().__init__(coefficient)
@@ -468,4 +476,34 @@ def get(identifier):
     raise ValueError(
         "Could not interpret gate regularizer identifier of type "
         f"{type(identifier).__name__}: {identifier!r}"
+    )
+
+
+def check_gate_supports(regularizer, gate, argument="balance_loss"):
+    """Raises a ValueError if `regularizer` would be an inert term for `gate`.
+
+    A term that needs a smooth load (`LoadLoss`) on a gate whose load is a hard count
+    (its `smooth_load` attribute is False) would add a loss with no gradient. The one
+    exception is a gate that sends every token to every expert (`top_k` equal to
+    `num_experts`), where the load is balanced by construction and the term is 0.
+    Gates that do not say (no `smooth_load` attribute) are not checked.
+
+    Args:
+        regularizer: A `GateRegularizer`.
+        gate: The gate layer whose outputs it will read.
+        argument: The argument name to put in the message.
+    """
+    if not getattr(regularizer, "needs_smooth_load", False):
+        return
+    if getattr(gate, "smooth_load", None) is not False:
+        return
+    top_k = getattr(gate, "top_k", None)
+    if top_k is not None and top_k == getattr(gate, "num_experts", None):
+        return
+    raise ValueError(
+        f"`{argument}`: {type(regularizer).__name__} needs a gate whose load has a "
+        f"gradient in training (NoisyTopKGate with noisy=True); the load of "
+        f"{type(gate).__name__} '{gate.name}' is a hard count, so the term would have "
+        "no gradient. Use ImportanceLoss or SwitchLoadBalanceLoss with this gate, or "
+        "gate='noisy_top_k'."
     )
