@@ -8,7 +8,8 @@
 - `gated_conv`: `GatedConv2D` (DeepMoE's channel-gated convolution) and `ShallowEmbedding`.
 - `tsne_gate`: `TSNEGate` (gates from positions in a parametric t-SNE map), `ParametricTSNEMap`.
 - `expert_clusters`: expert clusters wired densely within and sparsely between (`ExpertClusters`).
-- `sparse`: `SparseDense`, a dense layer with a fixed random connectivity mask (StochasticNet).
+- `sparse_connectivity`: `SparseDense`, a dense layer with a fixed random connectivity
+  mask (StochasticNet). Not to be confused with sparse *dispatch* (`dispatch`).
 """
 
 from keras_moe.layers.expert_clusters import ExpertClusterDense, ExpertClusters, cluster_mask
@@ -16,7 +17,7 @@ from keras_moe.layers.expert_mixture import ExpertMixture
 from keras_moe.layers.gated_conv import GatedConv2D, ShallowEmbedding
 from keras_moe.layers.gates import NoisyTopKGate, ReLUGate, SoftmaxGate
 from keras_moe.layers.moe_dense import MoEDense
-from keras_moe.layers.sparse import SparseDense
+from keras_moe.layers.sparse_connectivity import SparseDense
 from keras_moe.layers.tsne_gate import (
     ParametricTSNEMap,
     TSNEGate,

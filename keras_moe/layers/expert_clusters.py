@@ -20,7 +20,7 @@ import numpy as np
 from keras import ops
 
 from keras_moe import validation
-from keras_moe.layers.sparse import SparseDense
+from keras_moe.layers.sparse_connectivity import SparseDense
 
 __all__ = ["ExpertClusterDense", "ExpertClusters", "cluster_mask", "block_ids"]
 

@@ -1,5 +1,7 @@
 """`ExpertMixture`: whole expert sub-models mixed by a gate (paper 002)."""
 
+import warnings
+
 import keras
 from keras import ops
 
@@ -37,7 +39,8 @@ class ExpertMixture(ReplicaLocalLossesMixin, keras.layers.Layer):
       `[0, num_experts)`; an id outside that range gets an all-zero gate row.
 
     Every expert runs on every example (the mixture is soft, as in the paper). Gate
-    regularizers passed as `gate_loss` (e.g. `EntropyGateLoss`, `VarianceGateLoss`) read
+    regularizers passed as `balance_loss` (e.g. `EntropyGateLoss`, `VarianceGateLoss`;
+    the same argument as `MoEDense`'s) read
     the gate-output dict (`"gates"`, `"probs"`, `"dispatch_mask"`, `"load"`) and are
     added with `add_loss` in training only. With the oracle gate a gate loss is a
     constant (it has no gradient); it is still added, so that the reported training
@@ -54,7 +57,7 @@ class ExpertMixture(ReplicaLocalLossesMixin, keras.layers.Layer):
             same `units`.
         gate: `"oracle"`, or a Keras layer or model (or its serialized config) mapping
             `x` to `(batch, len(experts))` gate probabilities.
-        gate_loss: None, a regularizer from `keras_moe.regularizers` (instance,
+        balance_loss: None, a regularizer from `keras_moe.regularizers` (instance,
             registered name such as `"entropy"` or `"variance"`, or config), or a list
             of them; their coefficients live in the regularizer objects.
         output: `"logits"` (default: `sum_i g_i NN_i(X)`, to be used with a
@@ -68,7 +71,7 @@ class ExpertMixture(ReplicaLocalLossesMixin, keras.layers.Layer):
 
     >>> experts = [keras.Sequential([keras.layers.Dense(20)]) for _ in range(2)]
     >>> gate = keras.Sequential([keras.layers.Dense(2, activation="softmax")])
-    >>> mixture = ExpertMixture(experts, gate=gate, gate_loss="entropy")
+    >>> mixture = ExpertMixture(experts, gate=gate, balance_loss="entropy")
     >>> mixture(np.zeros((4, 8), "float32")).shape
     (4, 20)
     >>> oracle = ExpertMixture(
@@ -80,16 +83,35 @@ class ExpertMixture(ReplicaLocalLossesMixin, keras.layers.Layer):
         "Mixture of Experts - Experiment 1" (`shared/papers/002`), sections 1 and 5.1.
     """
 
+    # The gate-output dict's `"load"` counts examples by their largest gate (no
+    # gradient): `LoadLoss` is refused here.
+    smooth_load = False
+
     def __init__(
         self,
         experts,
         gate,
-        gate_loss=None,
+        balance_loss=None,
         output="logits",
         return_gates=False,
+        gate_loss=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if gate_loss is not None:
+            # The argument's name before it matched MoEDense's (and .keras files of
+            # then): accepted, with a warning, unless both are given.
+            if balance_loss is not None:
+                raise ValueError(
+                    "Pass the gate regularizers as `balance_loss` only; `gate_loss` is "
+                    "its former name."
+                )
+            warnings.warn(
+                "ExpertMixture(gate_loss=...) is now `balance_loss=`.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            balance_loss = gate_loss
         if not isinstance(experts, (list, tuple)) or len(experts) == 0:
             raise ValueError(
                 "experts must be a non-empty list of keras Layers or Models, got "
@@ -106,27 +128,9 @@ class ExpertMixture(ReplicaLocalLossesMixin, keras.layers.Layer):
         else:
             self.oracle = False
             self.gate = _as_layer("gate", gate)
-        self.gate_loss = self._make_regularizers(gate_loss)
+        self.balance_loss = regularizers.get_list(balance_loss, "balance_loss", self)
         self.output_kind = validation.one_of("output", output, OUTPUTS)
         self.return_gates = bool(return_gates)
-
-    @staticmethod
-    def _make_regularizers(gate_loss):
-        if gate_loss is None:
-            return []
-        if not isinstance(gate_loss, (list, tuple)):
-            gate_loss = [gate_loss]
-        resolved = []
-        for item in gate_loss:
-            try:
-                resolved.append(regularizers.get(item))
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    "gate_loss must be None, a regularizer from keras_moe.regularizers "
-                    f"(instance, registered name or config) or a list of them; got "
-                    f"{item!r}: {error}"
-                ) from error
-        return resolved
 
     # Shapes ----------------------------------------------------------------------------
 
@@ -199,7 +203,7 @@ class ExpertMixture(ReplicaLocalLossesMixin, keras.layers.Layer):
         gate_outputs = self.compute_gate_outputs(inputs, training=training)
         gates = gate_outputs["gates"]
         if training:
-            for regularizer in self.gate_loss:
+            for regularizer in self.balance_loss:
                 self.add_loss(regularizer(gate_outputs))
         mixed = None
         for i, expert in enumerate(self.experts):
@@ -218,7 +222,7 @@ class ExpertMixture(ReplicaLocalLossesMixin, keras.layers.Layer):
                 "gate": "oracle"
                 if self.oracle
                 else keras.saving.serialize_keras_object(self.gate),
-                "gate_loss": [regularizers.serialize(r) for r in self.gate_loss],
+                "balance_loss": [regularizers.serialize(r) for r in self.balance_loss],
                 "output": self.output_kind,
                 "return_gates": self.return_gates,
             }

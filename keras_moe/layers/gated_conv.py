@@ -137,6 +137,12 @@ class GatedConv2D(keras.layers.Layer):
                 f"gates must have shape (batch, {in_channels}): one gate per input channel "
                 f"of the feature map (shape {x_shape}); got gates of shape {g_shape}"
             )
+        # Later calls with another channel count fail in Keras's input check, which
+        # names this layer and the expected shape, rather than inside the convolution.
+        self.input_spec = [
+            keras.InputSpec(ndim=4, axes={-1: in_channels}),
+            keras.InputSpec(ndim=2, axes={-1: in_channels}),
+        ]
         self.kernel = self.add_weight(
             name="kernel",
             shape=self.kernel_size + (in_channels, self.filters),

@@ -176,7 +176,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             )
 
         self.gate = self._make_gate(gate)
-        self.balance_loss = self._make_regularizers(balance_loss)
+        self.balance_loss = regularizers.get_list(balance_loss, "balance_loss", self.gate)
 
     def _make_gate(self, gate):
         if isinstance(gate, keras.layers.Layer):
@@ -226,25 +226,6 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             )
         return gate
 
-    def _make_regularizers(self, balance_loss):
-        if balance_loss is None:
-            return []
-        if not isinstance(balance_loss, (list, tuple)):
-            balance_loss = [balance_loss]
-        resolved = []
-        for item in balance_loss:
-            try:
-                regularizer = regularizers.get(item)
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    "`balance_loss` must be None, a regularizer from "
-                    "keras_moe.regularizers (instance, registered name or config) or a "
-                    f"list of them; got {item!r}: {error}"
-                ) from error
-            regularizers.check_gate_supports(regularizer, self.gate, "balance_loss")
-            resolved.append(regularizer)
-        return resolved
-
     def build(self, input_shape):
         input_dim = validation.last_dim(self, input_shape)
         # Inputs of another width then fail in Keras's input check, naming this layer
@@ -252,6 +233,11 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         self.input_spec = keras.InputSpec(min_ndim=2, axes={-1: input_dim})
         if not self.gate.built:
             self.gate.build((None, input_dim))
+        # A gate layer that returns something else than the gate-output dict fails here,
+        # when the model is put together, not at its first training step.
+        self._checked_gate_outputs(
+            self.gate.compute_output_spec(keras.KerasTensor((None, input_dim)))
+        )
         experts = self.num_experts
         width = input_dim
         if self.expert_hidden_units is not None:
@@ -470,7 +456,9 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         return outputs
 
     def _gate_outputs(self, tokens, training):
-        outputs = self.gate(tokens, training=training)
+        return self._checked_gate_outputs(self.gate(tokens, training=training))
+
+    def _checked_gate_outputs(self, outputs):
         if not isinstance(outputs, dict) or "gates" not in outputs:
             raise ValueError(
                 f"`gate` ({type(self.gate).__name__} '{self.gate.name}') must return the "

@@ -30,6 +30,7 @@ from keras_moe.regularizers.losses import VarianceGateLoss
 from keras_moe.regularizers.losses import check_gate_supports
 from keras_moe.regularizers.losses import deserialize
 from keras_moe.regularizers.losses import get
+from keras_moe.regularizers.losses import get_list
 from keras_moe.regularizers.losses import serialize
 from keras_moe.regularizers.reduction import batch_mean
 from keras_moe.regularizers.tsne import ParametricTSNELoss
@@ -60,6 +61,7 @@ __all__ = [
     "EntropyGateLoss",
     "GateRegularizer",
     "get",
+    "get_list",
     "importance",
     "importance_cv_squared",
     "ImportanceLoss",

@@ -33,6 +33,7 @@ __all__ = [
     "L1GateLoss",
     "check_gate_supports",
     "get",
+    "get_list",
     "serialize",
     "deserialize",
 ]
@@ -507,3 +508,39 @@ def check_gate_supports(regularizer, gate, argument="balance_loss"):
         "no gradient. Use ImportanceLoss or SwitchLoadBalanceLoss with this gate, or "
         "gate='noisy_top_k'."
     )
+
+
+def get_list(identifiers, argument="balance_loss", gate=None):
+    """The regularizers a layer's `balance_loss` argument names, as a list.
+
+    Args:
+        identifiers: None, one identifier `get` accepts, or a list of them.
+        argument: The layer argument's name, for error messages.
+        gate: The gate layer whose outputs the regularizers will read, if known; each
+            regularizer is checked against it with `check_gate_supports`.
+
+    Returns:
+        A list of `GateRegularizer` (empty for None).
+
+    Raises:
+        ValueError: naming `argument`, for an identifier `get` cannot interpret or a
+            regularizer the gate cannot support.
+    """
+    if identifiers is None:
+        return []
+    if not isinstance(identifiers, (list, tuple)):
+        identifiers = [identifiers]
+    resolved = []
+    for item in identifiers:
+        try:
+            regularizer = get(item)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"`{argument}` must be None, a regularizer from keras_moe.regularizers "
+                "(instance, registered name or config) or a list of them; got "
+                f"{item!r}: {error}"
+            ) from error
+        if gate is not None:
+            check_gate_supports(regularizer, gate, argument)
+        resolved.append(regularizer)
+    return resolved

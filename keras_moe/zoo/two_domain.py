@@ -180,7 +180,7 @@ def two_domain_moe(
     mixture = ExpertMixture(
         experts,
         gate=gate_layer,
-        gate_loss=loss,
+        balance_loss=loss,
         output=output,
         return_gates=True,
         name=MIXTURE_NAME,

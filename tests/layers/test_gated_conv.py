@@ -1,5 +1,5 @@
 """GatedConv2D and ShallowEmbedding (DeepMoE, paper 004): numerics against numpy, config,
-saving, training, argument checks."""
+saving, training, argument checks; on TensorFlow and JAX."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,9 @@ import keras
 from keras_moe.layers.gated_conv import GatedConv2D
 from keras_moe.layers.gated_conv import ShallowEmbedding
 from keras_moe.layers.gates import ReLUGate
+from testing_utils import gradients, run_layer_test, to_numpy
+
+pytestmark = pytest.mark.multi_backend
 
 
 def _same_pads(size, k, s, d):
@@ -62,9 +65,9 @@ def test_matches_numpy_reference(kernel_size, strides, padding, dilation, use_bi
         use_bias=use_bias, bias_initializer="random_normal",
     )
     out = np.asarray(layer([x, g]))
-    bias = layer.bias.numpy() if use_bias else None
+    bias = to_numpy(layer.bias) if use_bias else None
     expected = numpy_gated_conv(
-        x, g, layer.kernel.numpy(), layer.strides, padding, layer.dilation_rate, bias
+        x, g, to_numpy(layer.kernel), layer.strides, padding, layer.dilation_rate, bias
     )
     assert out.shape == expected.shape
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
@@ -93,16 +96,13 @@ def test_unit_gates_equal_plain_conv_and_zero_gate_removes_channel():
 
 def test_gate_gradient_matches_expert_outputs():
     # d sum(z) / d g_i = sum(E_i(x)) with E_i(x) = K_i * x_i (eq. 5).
-    import tensorflow as tf
-
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, 5, 5, 3)).astype("float32")
-    g = tf.Variable(rng.uniform(0.5, 1.5, size=(2, 3)).astype("float32"))
+    g = rng.uniform(0.5, 1.5, size=(2, 3)).astype("float32")
     layer = GatedConv2D(4, 3)
-    with tf.GradientTape() as tape:
-        total = tf.reduce_sum(layer([x, g]))
-    grad = tape.gradient(total, g).numpy()
-    kernel = layer.kernel.numpy()
+    layer([x, g])
+    _, (grad,), _ = gradients(lambda gates: keras.ops.sum(layer([x, gates])), [g])
+    kernel = to_numpy(layer.kernel)
     for i in range(3):
         onehot = np.zeros((2, 3), "float32")
         onehot[:, i] = 1.0
@@ -162,9 +162,9 @@ def test_save_load_safe_mode_and_training_step(tmp_path):
     model = _gated_model()
     model.compile(keras.optimizers.SGD(0.1),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    before = model.get_layer("gc").kernel.numpy().copy()
+    before = to_numpy(model.get_layer("gc").kernel).copy()
     model.fit([x, e], y, epochs=1, batch_size=8, verbose=0)
-    assert not np.allclose(before, model.get_layer("gc").kernel.numpy())
+    assert not np.allclose(before, to_numpy(model.get_layer("gc").kernel))
     path = tmp_path / "gated.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
@@ -182,7 +182,7 @@ def test_mixed_precision_keeps_float32_gates():
     out = layer([x, g])
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     assert keras.backend.standardize_dtype(layer.kernel.dtype) == "float32"
-    expected = numpy_gated_conv(x, g, layer.kernel.numpy(), (1, 1), "same", (1, 1))
+    expected = numpy_gated_conv(x, g, to_numpy(layer.kernel), (1, 1), "same", (1, 1))
     np.testing.assert_allclose(np.asarray(keras.ops.cast(out, "float32")), expected,
                                rtol=5e-2, atol=5e-2)
 
@@ -220,3 +220,34 @@ def test_embedding_config_and_bad_arguments():
         ShallowEmbedding(num_classes=3, widths=())
     with pytest.raises(ValueError, match="widths"):
         ShallowEmbedding(num_classes=3, widths=(4, 0))
+
+
+def test_gated_conv_layer_contract(tmp_path):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    g = rng.uniform(0, 2, size=(2, 3)).astype("float32")
+    run_layer_test(
+        GatedConv2D, dict(filters=4, kernel_size=3, strides=2, use_bias=True), [x, g],
+        expected_output_shape=(2, 3, 3, 4), expected_num_trainable_weights=2,
+        tmp_path=tmp_path,
+    )
+
+
+def test_shallow_embedding_layer_contract(tmp_path):
+    x = np.random.default_rng(7).normal(size=(2, 16, 16, 3)).astype("float32")
+    run_layer_test(
+        ShallowEmbedding, dict(num_classes=5, widths=(4, 6)), x,
+        expected_output_shape={"logits": (2, 5), "probs": (2, 5)},
+        expected_num_trainable_weights=2 + 2 * 2 + 2,  # kernels, BN gamma/beta, dense
+        expected_num_non_trainable_weights=2 * 2,  # BN moving statistics
+        tmp_path=tmp_path,
+    )
+
+
+def test_gates_or_feature_map_of_another_width_than_built_are_refused():
+    layer = GatedConv2D(3, 3)
+    layer([np.zeros((2, 8, 8, 4), "float32"), np.zeros((2, 4), "float32")])
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 4"):
+        layer([np.zeros((2, 8, 8, 5), "float32"), np.zeros((2, 4), "float32")])
+    with pytest.raises(ValueError, match="value 4"):
+        layer([np.zeros((2, 8, 8, 4), "float32"), np.zeros((2, 5), "float32")])

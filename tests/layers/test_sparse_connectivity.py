@@ -1,12 +1,14 @@
-"""Tests of `SparseDense`, the fixed-random-connectivity dense layer."""
+"""`SparseDense`, the fixed-random-connectivity dense layer (StochasticNet), on TF and JAX."""
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras
 
-from keras_moe.layers.sparse import SparseDense
+from keras_moe.layers.sparse_connectivity import SparseDense
+from testing_utils import gradients, run_layer_test, to_numpy
+
+pytestmark = pytest.mark.multi_backend
 
 
 def _x(n=16, d=12, seed=0):
@@ -17,9 +19,9 @@ def test_output_matches_numpy():
     layer = SparseDense(7, density=0.5, bias_initializer="random_normal", seed=3)
     x = _x()
     y = np.asarray(layer(x))
-    w = layer.kernel.numpy()
-    m = layer.mask.numpy()
-    b = layer.bias.numpy()
+    w = to_numpy(layer.kernel)
+    m = to_numpy(layer.mask)
+    b = to_numpy(layer.bias)
     assert set(np.unique(m)) <= {0.0, 1.0}
     np.testing.assert_allclose(y, x @ (w * m) + b, rtol=1e-5, atol=1e-6)
 
@@ -28,7 +30,7 @@ def test_activation_and_no_bias():
     layer = SparseDense(5, density=0.7, activation="relu", use_bias=False, seed=1)
     x = _x()
     y = np.asarray(layer(x))
-    expected = np.maximum(x @ (layer.kernel.numpy() * layer.mask.numpy()), 0.0)
+    expected = np.maximum(x @ (to_numpy(layer.kernel) * to_numpy(layer.mask)), 0.0)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
     assert layer.bias is None
     assert [w.name for w in layer.trainable_weights] == ["kernel"]
@@ -37,12 +39,12 @@ def test_activation_and_no_bias():
 
 def test_masked_weights_get_zero_gradient():
     layer = SparseDense(9, density=0.4, seed=5)
-    x = tf.constant(_x())
+    x = _x()
     layer(x)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(tf.square(layer(x)))
-    grad = tape.gradient(loss, layer.kernel).numpy()
-    m = layer.mask.numpy()
+    _, _, (grad,) = gradients(
+        lambda: keras.ops.sum(keras.ops.square(layer(x))), variables=[layer.kernel]
+    )
+    m = to_numpy(layer.mask)
     assert np.all(grad[m == 0] == 0.0)
     assert np.any(grad[m == 1] != 0.0)
 
@@ -51,8 +53,8 @@ def test_empirical_density():
     for density in (0.1, 0.5, 0.9):
         layer = SparseDense(200, density=density, seed=11)
         layer.build((None, 200))
-        assert abs(layer.mask.numpy().mean() - density) < 0.05
-        assert layer.connection_count == int(layer.mask.numpy().sum())
+        assert abs(to_numpy(layer.mask).mean() - density) < 0.05
+        assert layer.connection_count == int(to_numpy(layer.mask).sum())
     full = SparseDense(10, density=1.0)
     full.build((None, 4))
     assert full.connection_count == 40
@@ -62,7 +64,7 @@ def test_seed_determinism():
     def mask(seed):
         layer = SparseDense(50, density=0.5, seed=seed)
         layer.build((None, 40))
-        return layer.mask.numpy()
+        return to_numpy(layer.mask)
 
     np.testing.assert_array_equal(mask(7), mask(7))
     assert not np.array_equal(mask(7), mask(8))
@@ -73,10 +75,10 @@ def test_set_mask():
     assert layer.connection_count is None
     wiring = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], "float32")
     layer.set_mask(wiring)  # builds with input_dim 4
-    np.testing.assert_array_equal(layer.mask.numpy(), wiring)
+    np.testing.assert_array_equal(to_numpy(layer.mask), wiring)
     assert layer.connection_count == 6
     x = _x(5, 4)
-    expected = x @ (layer.kernel.numpy() * wiring) + layer.bias.numpy()
+    expected = x @ (to_numpy(layer.kernel) * wiring) + to_numpy(layer.bias)
     np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="mask"):
         layer.set_mask(np.ones((5, 3)))
@@ -98,9 +100,9 @@ def test_save_load_restores_mask(tmp_path):
     loaded = keras.saving.load_model(path, safe_mode=True)
     for name in ("sparse1", "sparse2"):
         np.testing.assert_array_equal(
-            loaded.get_layer(name).mask.numpy(), model.get_layer(name).mask.numpy()
+            to_numpy(loaded.get_layer(name).mask), to_numpy(model.get_layer(name).mask)
         )
-    np.testing.assert_array_equal(loaded.get_layer("sparse2").mask.numpy(), custom)
+    np.testing.assert_array_equal(to_numpy(loaded.get_layer("sparse2").mask), custom)
     x = _x(8, 12)
     np.testing.assert_allclose(
         np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6, atol=1e-6
@@ -117,7 +119,7 @@ def test_get_config_round_trip():
     assert (clone.units, clone.density, clone.use_bias, clone.seed) == (6, 0.25, False, 4)
     layer.build((None, 10))
     clone.build((None, 10))
-    np.testing.assert_array_equal(layer.mask.numpy(), clone.mask.numpy())
+    np.testing.assert_array_equal(to_numpy(layer.mask), to_numpy(clone.mask))
     restored = keras.layers.deserialize(keras.layers.serialize(layer))
     assert isinstance(restored, SparseDense)
 
@@ -127,7 +129,7 @@ def test_rank3_inputs():
     x = np.random.rand(2, 3, 4).astype("float32")
     y = np.asarray(layer(x))
     assert y.shape == (2, 3, 5)
-    expected = x @ (layer.kernel.numpy() * layer.mask.numpy()) + layer.bias.numpy()
+    expected = x @ (to_numpy(layer.kernel) * to_numpy(layer.mask)) + to_numpy(layer.bias)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -154,77 +156,9 @@ def test_unknown_last_dim():
         layer.build((None, None))
 
 
-# `grouped_ffn`: the hand-written gradient of sparse dispatch's per-expert network -------
-
-
-def _grouped_ffn_reference(x, expert_ids, layers, activation):
-    """Every row through its own expert's weights, gathered per row; autodiff only."""
-    h = x
-    for index, (kernel, bias) in enumerate(layers):
-        h = tf.einsum("nd,ndu->nu", h, tf.gather(kernel, expert_ids))
-        if bias is not None:
-            h = h + tf.gather(bias, expert_ids)
-        if index < len(layers) - 1 and activation is not None:
-            h = activation(h)
-    return h
-
-
-@pytest.mark.parametrize(
-    "activation, sizes, use_bias",
-    [
-        (tf.nn.relu, (6, 9, 5), True),  # ReLU's own gradient kernel
-        (tf.math.tanh, (6, 9, 5), True),  # any other activation: autodiff of it alone
-        (None, (6, 9, 5), False),  # linear hidden layer, no biases
-        (None, (7, 4), True),  # single-layer experts
-    ],
-)
-@pytest.mark.parametrize("compiled", [False, True])
-def test_grouped_ffn_matches_autodiff_of_dense_reference(activation, sizes, use_bias, compiled):
-    from keras_moe.layers import dispatch
-
-    rng = np.random.default_rng(7)
-    # Expert 0 gets no row; expert 2 gets more than dispatch._FEW_ROWS, so both forms of
-    # the input-gradient product are checked.
-    counts = np.array([0, 3, dispatch._FEW_ROWS + 44, 17, 1], np.int32)
-    experts = len(counts)
-    expert_ids = tf.constant(np.repeat(np.arange(experts), counts).astype("int32"))
-    x = tf.constant(rng.normal(size=(counts.sum(), sizes[0])))
-    layers = [
-        (
-            tf.constant(rng.normal(size=(experts, d_in, d_out)) / np.sqrt(d_in)),
-            tf.constant(rng.normal(size=(experts, d_out))) if use_bias else None,
-        )
-        for d_in, d_out in zip(sizes[:-1], sizes[1:])
-    ]
-    sources = [x] + [w for layer in layers for w in layer if w is not None]
-    upstream = tf.constant(rng.normal(size=(counts.sum(), sizes[-1])))
-
-    def outputs_and_grads(fn):
-        with tf.GradientTape() as tape:
-            tape.watch(sources)
-            y = fn()
-            loss = tf.reduce_sum(y * upstream)
-        return y, tape.gradient(loss, sources)
-
-    def grouped():
-        return dispatch.grouped_ffn(x, tf.constant(counts), layers, activation)
-
-    def reference():
-        return _grouped_ffn_reference(x, expert_ids, layers, activation)
-
-    if compiled:
-        run = tf.function(outputs_and_grads, autograph=False)
-    else:
-        run = outputs_and_grads
-    y, grads = run(grouped)
-    want_y, want_grads = outputs_and_grads(reference)
-    assert y.dtype == tf.float64
-    np.testing.assert_allclose(y.numpy(), want_y.numpy(), rtol=1e-10, atol=1e-12)
-    for got, want in zip(grads, want_grads):
-        np.testing.assert_allclose(
-            tf.convert_to_tensor(got).numpy(), tf.convert_to_tensor(want).numpy(),
-            rtol=1e-10, atol=1e-12,
-        )
-    # The expert without rows gets exactly zero gradient.
-    for kernel_grad in grads[1:]:
-        assert np.all(tf.convert_to_tensor(kernel_grad).numpy()[0] == 0.0)
+def test_layer_contract(tmp_path):
+    run_layer_test(
+        SparseDense, dict(units=6, density=0.5, seed=2, activation="relu"), _x(n=4),
+        expected_output_shape=(4, 6), expected_num_trainable_weights=2,
+        expected_num_non_trainable_weights=1, tmp_path=tmp_path,
+    )

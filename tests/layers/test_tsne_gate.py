@@ -1,17 +1,11 @@
-"""Tests of the t-SNE gate, the parametric t-SNE map and the sparse expert clusters."""
+"""The t-SNE gate and the parametric t-SNE map (paper 000), on TensorFlow and JAX."""
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras
 
-from keras_moe.layers.expert_clusters import (
-    ExpertClusterDense,
-    ExpertClusters,
-    block_ids,
-    cluster_mask,
-)
+from keras_moe.layers.expert_clusters import ExpertClusters
 from keras_moe.layers.moe_dense import MoEDense
 from keras_moe.layers.tsne_gate import (
     ParametricTSNEMap,
@@ -21,6 +15,9 @@ from keras_moe.layers.tsne_gate import (
     nearest_neighbour_sq_distance,
 )
 from keras_moe.regularizers.tsne import parametric_tsne_loss
+from testing_utils import gradients, run_layer_test, to_numpy
+
+pytestmark = pytest.mark.multi_backend
 
 
 def _rng(seed=0):
@@ -97,17 +94,17 @@ def test_gate_with_mapping_and_gradients():
     mapping = keras.layers.Dense(2, kernel_initializer="random_normal", name="map")
     gate = TSNEGate(4, top_k=2, temperature=2.0, mapping=mapping)
     out = gate(x)
-    w, b = mapping.kernel.numpy(), mapping.bias.numpy()
-    c = gate.positions.numpy()
+    w, b = to_numpy(mapping.kernel), to_numpy(mapping.bias)
+    c = to_numpy(gate.positions)
     _, _, gates, _, _, _ = _gate_reference(x @ w + b, c, 2.0, 2)
     np.testing.assert_allclose(np.asarray(out["gates"]), gates, rtol=1e-5, atol=1e-6)
     # Default positions: a 2x2 grid over [-1, 1]^2.
     np.testing.assert_allclose(c, [[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])
-    xt = tf.constant(x)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(gate(xt)["gates"] * tf.range(4, dtype="float32"))
-    grads = tape.gradient(loss, [gate.positions, mapping.kernel])
-    assert all(g is not None and np.any(g.numpy() != 0) for g in grads)
+    weights = np.arange(4, dtype="float32")
+    _, _, grads = gradients(
+        lambda: keras.ops.sum(gate(x)["gates"] * weights), variables=[gate.positions, mapping.kernel]
+    )
+    assert all(g is not None and np.any(g != 0) for g in grads)
 
 
 def test_fixed_positions_are_not_trainable():
@@ -160,7 +157,7 @@ def test_expert_positions_grid_and_kmeans():
     assert nearest_neighbour_sq_distance(centres) == pytest.approx(200.0)
     gate = TSNEGate(3)
     gate.build((None, 2))
-    np.testing.assert_allclose(gate.init_positions(blobs, "kmeans"), gate.positions.numpy())
+    np.testing.assert_allclose(gate.init_positions(blobs, "kmeans"), to_numpy(gate.positions))
 
 
 # Parametric t-SNE map ----------------------------------------------------------------
@@ -208,65 +205,6 @@ def test_fit_parametric_tsne_lowers_the_kl():
     assert tsne_map.loss_weight == 0.0 and tsne_map.trainable
 
 
-# Expert clusters ---------------------------------------------------------------------
-
-
-def test_cluster_mask_densities():
-    mask = cluster_mask(120, 80, 4, local_density=0.5, remote_density=0.05, seed=0)
-    rows, cols = block_ids(120, 4), block_ids(80, 4)
-    assert set(np.unique(mask)) == {0.0, 1.0}
-    for a in range(4):
-        for b in range(4):
-            block = mask[np.ix_(rows == a, cols == b)]
-            expected = 0.5 if a == b else 0.05
-            assert abs(block.mean() - expected) <= 0.5 / block.size
-    np.testing.assert_array_equal(
-        mask, cluster_mask(120, 80, 4, local_density=0.5, remote_density=0.05, seed=0)
-    )
-    assert not np.array_equal(mask, cluster_mask(120, 80, 4, 0.5, 0.05, seed=1))
-    np.testing.assert_array_equal(block_ids(10, 3), [0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
-
-
-def test_expert_cluster_dense_uses_block_mask():
-    layer = ExpertClusterDense(64, num_experts=4, local_density=0.75, remote_density=0.1, seed=3)
-    x = _rng(5).randn(6, 32).astype("float32")
-    y = np.asarray(layer(x))
-    np.testing.assert_array_equal(layer.mask.numpy(), cluster_mask(32, 64, 4, 0.75, 0.1, seed=3))
-    np.testing.assert_allclose(
-        y, x @ (layer.kernel.numpy() * layer.mask.numpy()) + layer.bias.numpy(),
-        rtol=1e-5, atol=1e-5,
-    )
-    config = layer.get_config()
-    assert "density" not in config and config["remote_density"] == 0.1
-    clone = ExpertClusterDense.from_config(config)
-    clone.build((None, 32))
-    np.testing.assert_array_equal(clone.mask.numpy(), layer.mask.numpy())
-
-
-def test_expert_clusters_match_numpy_and_count_weights():
-    rng = _rng(6)
-    x = rng.randn(10, 9).astype("float32")
-    gates = np.zeros((10, 3), "float32")
-    gates[np.arange(10), np.arange(10) % 3] = 0.7
-    gates[np.arange(10), (np.arange(10) + 1) % 3] = 0.3
-    gates[0] = [1.0, 0.0, 0.0]
-    layer = ExpertClusters(3, 4, input_density=0.6, local_density=0.8,
-                           remote_density=0.2, seed=2)
-    out = np.asarray(layer(x, gates))
-    l1, l2 = layer.input_layer, layer.cluster_layer
-    g = np.repeat(gates, 4, axis=1)
-    h = np.maximum(x @ (l1.kernel.numpy() * l1.mask.numpy()) + l1.bias.numpy(), 0) * g
-    ref = np.maximum(h @ (l2.kernel.numpy() * l2.mask.numpy()) + l2.bias.numpy(), 0) * g
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-    # Used connections: brute force over each example's active units.
-    counts = layer.used_weight_count(gates > 0)
-    for i in range(10):
-        units = g[i] > 0
-        expected = l1.mask.numpy()[:, units].sum() + l2.mask.numpy()[np.ix_(units, units)].sum()
-        assert counts[i] == expected
-    assert counts[0] < counts[1]
-
-
 def test_serialization_round_trip(tmp_path):
     keras.utils.set_random_seed(1)
     x, _ = _clustered(n=20)
@@ -285,11 +223,11 @@ def test_serialization_round_trip(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     for name in ("input_layer", "cluster_layer"):
         np.testing.assert_array_equal(
-            getattr(loaded.get_layer("experts"), name).mask.numpy(),
-            getattr(model.get_layer("experts"), name).mask.numpy(),
+            to_numpy(getattr(loaded.get_layer("experts"), name).mask),
+            to_numpy(getattr(model.get_layer("experts"), name).mask),
         )
     np.testing.assert_array_equal(
-        loaded.get_layer("gate").positions.numpy(), gate.positions.numpy()
+        to_numpy(loaded.get_layer("gate").positions), to_numpy(gate.positions)
     )
     assert loaded.get_layer("gate").mapping.loss_weight == 0.1
     # Config round trip of a gate with a custom mapping network.
@@ -309,16 +247,6 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         tsne_map(np.zeros((10, 3), "float32"), training=True)
     with pytest.raises(ValueError, match="batch_size"):
         fit_parametric_tsne(tsne_map, np.zeros((100, 3)), batch_size=20)
-    for name in ("local_density", "remote_density", "input_density"):
-        for bad in (0.0, 1.5, -0.1):
-            with pytest.raises(ValueError, match=name):
-                ExpertClusters(4, 2, **{name: bad})
-    with pytest.raises(ValueError, match="remote_density"):
-        cluster_mask(8, 8, 2, local_density=0.2, remote_density=0.5)
-    with pytest.raises(ValueError, match="local_density"):
-        ExpertClusterDense(8, 2, local_density=0.0)
-    with pytest.raises(ValueError, match="num_experts"):
-        ExpertClusterDense(4, num_experts=5)
     with pytest.raises(ValueError, match="top_k"):
         TSNEGate(3, top_k=4)
     with pytest.raises(ValueError, match="temperature"):
@@ -341,3 +269,22 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         gate.set_positions(np.zeros((4, 2)))
     with pytest.raises(ValueError, match="positions"):
         gate.set_positions(np.zeros((3, 3)))
+
+
+def test_tsne_gate_layer_contract(tmp_path):
+    x = _rng(9).randn(6, 2).astype("float32")
+    shapes = {key: (6, 4) for key in ("gates", "logits", "probs", "dispatch_mask")}
+    shapes.update(load=(4,), top_k_indices=(6, 2), top_k_gates=(6, 2), embedding=(6, 2))
+    run_layer_test(
+        TSNEGate, dict(num_experts=4, top_k=2, temperature=0.5), x,
+        expected_output_shape=shapes, expected_num_trainable_weights=1, tmp_path=tmp_path,
+    )
+
+
+def test_parametric_tsne_map_layer_contract(tmp_path):
+    x, _ = _clustered(n=24)
+    run_layer_test(
+        ParametricTSNEMap, dict(hidden_units=(8,), perplexity=5.0, loss_weight=0.5), x,
+        expected_output_shape=(24, 2), expected_num_trainable_weights=4,
+        expected_num_losses=1, tmp_path=tmp_path,
+    )
