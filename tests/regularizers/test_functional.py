@@ -27,6 +27,7 @@ from regularizer_references import np_switch
 from regularizer_references import random_gates
 from regularizer_references import requires_jax
 from regularizer_references import top_k_gates
+from testing_utils import as_array
 from testing_utils import assert_no_gradient
 from testing_utils import gradients
 from testing_utils import requires_tensorflow
@@ -396,3 +397,165 @@ def test_l1_gate_sparsity():
     assert float(to_numpy(R.l1_gate_sparsity(np.ones((4, 16), np.float32)))) == 1.0
     assert float(to_numpy(R.l1_gate_sparsity(np.zeros((4, 16), np.float32)))) == 0.0
 
+
+# ----------------------------------------------------------------------------------------
+# non-finite tokens are left out of every batch statistic
+# ----------------------------------------------------------------------------------------
+
+BAD_ROW = 3
+
+
+def _gate_batch():
+    return [random_gates(50, tokens=12, experts=5)]
+
+
+def _switch_batch():
+    outputs = top_k_gates(51, tokens=12, experts=5, k=2)
+    return [outputs["probs"], outputs["dispatch_mask"]]
+
+
+def _logit_batch():
+    return [3.0 * np.random.default_rng(52).normal(size=(12, 5)).astype(np.float32)]
+
+
+def _noisy_batch():
+    return list(noisy_inputs(53, tokens=12, experts=5))
+
+
+def _relu_gate_batch(shape):
+    rng = np.random.default_rng(54)
+    return [np.maximum(rng.normal(size=shape), 0.0).astype(np.float32)]
+
+
+def _noisy_load(clean, noisy, stddev):
+    return R.noisy_top_k_load(clean, noisy, stddev, 2)
+
+
+# name: (function, inputs, indices of the inputs whose BAD_ROW is corrupted, float64
+# reference of the function on clean inputs). A non-finite gate input reaches the noisy
+# load through all three of its inputs; the single-input cases check each one alone.
+NON_FINITE_CASES = {
+    "importance": (
+        R.importance, _gate_batch, (0,), lambda g: np.asarray(g, np.float64).sum(axis=0)
+    ),
+    "importance_cv_squared": (
+        R.importance_cv_squared,
+        _gate_batch,
+        (0,),
+        lambda g: np_cv_squared(np.asarray(g, np.float64).sum(axis=0)),
+    ),
+    "noisy_top_k_load": (
+        _noisy_load,
+        _noisy_batch,
+        (0, 1, 2),
+        lambda c, n, s: np_noisy_top_k_load(c, n, s, 2),
+    ),
+    "noisy_top_k_load[clean_logits]": (
+        _noisy_load, _noisy_batch, (0,), lambda c, n, s: np_noisy_top_k_load(c, n, s, 2)
+    ),
+    "noisy_top_k_load[noisy_logits]": (
+        _noisy_load, _noisy_batch, (1,), lambda c, n, s: np_noisy_top_k_load(c, n, s, 2)
+    ),
+    "noisy_top_k_load[noise_stddev]": (
+        _noisy_load, _noisy_batch, (2,), lambda c, n, s: np_noisy_top_k_load(c, n, s, 2)
+    ),
+    "switch_load_balance": (R.switch_load_balance, _switch_batch, (0,), np_switch),
+    "switch_load_balance[dispatch_mask]": (
+        R.switch_load_balance, _switch_batch, (1,), np_switch
+    ),
+    "router_z_loss": (R.router_z_loss, _logit_batch, (0,), np_router_z),
+    "batch_entropy_loss": (R.batch_entropy_loss, _gate_batch, (0,), np_batch_entropy),
+    "sample_entropy_loss": (R.sample_entropy_loss, _gate_batch, (0,), np_sample_entropy),
+    "batch_variance_loss": (R.batch_variance_loss, _gate_batch, (0,), np_batch_variance),
+    "sample_variance_loss": (R.sample_variance_loss, _gate_batch, (0,), np_sample_variance),
+    "l1_gate_sparsity": (
+        R.l1_gate_sparsity, lambda: _relu_gate_batch((12, 10)), (0,), np_l1
+    ),
+    "l1_gate_sparsity[rank 4]": (
+        R.l1_gate_sparsity, lambda: _relu_gate_batch((12, 3, 2, 4)), (0,), np_l1
+    ),
+}
+
+
+def _corrupt(inputs, indices, bad_value, pattern, row=BAD_ROW):
+    """Copies of `inputs` with `bad_value` in one entry (or all) of `row` of `indices`."""
+    corrupted = [np.array(x, copy=True) for x in inputs]
+    for index in indices:
+        if pattern == "entry":
+            corrupted[index][(row,) + (1,) * (corrupted[index].ndim - 1)] = bad_value
+        else:
+            corrupted[index][row] = bad_value
+    return corrupted
+
+
+def _without_row(inputs, row=BAD_ROW):
+    return [np.delete(x, row, axis=0) for x in inputs]
+
+
+def _objective(fn):
+    """`fn` as a scalar: a vector result is weighted by unequal per-expert weights."""
+
+    def scalar(*inputs):
+        value = fn(*inputs)
+        if len(value.shape) == 0:
+            return value
+        weights = np.linspace(-1.0, 2.0, value.shape[-1]).astype(np.float32)
+        return ops.sum(value * weights)
+
+    return scalar
+
+
+@pytest.mark.parametrize("pattern", ["entry", "row"])
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", sorted(NON_FINITE_CASES))
+def test_non_finite_token_is_left_out_of_the_value(name, bad_value, pattern):
+    """One token with a non-finite entry (or row): the value of the batch without it."""
+    fn, make_inputs, indices, reference = NON_FINITE_CASES[name]
+    inputs = make_inputs()
+    clean = _without_row(inputs)
+    value = to_numpy(fn(*_corrupt(inputs, indices, bad_value, pattern)))
+    assert np.all(np.isfinite(value)), value
+    np.testing.assert_allclose(value, reference(*clean), rtol=RTOL, atol=ATOL)
+    # The same float32 value as the library's on the batch without the row.
+    np.testing.assert_allclose(value, to_numpy(fn(*clean)), rtol=1e-6, atol=1e-7)
+    # The corrupted row did count before: leaving it out changed the value.
+    assert not np.allclose(reference(*clean), reference(*inputs), rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("pattern", ["entry", "row"])
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", sorted(NON_FINITE_CASES))
+def test_non_finite_token_gets_no_gradient_and_spoils_no_other(name, bad_value, pattern):
+    """Zero gradient for the bad token; the others' as in the batch without it."""
+    fn, make_inputs, indices, _ = NON_FINITE_CASES[name]
+    inputs = make_inputs()
+    corrupted = _corrupt(inputs, indices, bad_value, pattern)
+    _, grads, _ = gradients(_objective(fn), inputs=corrupted)
+    _, clean_grads, _ = gradients(_objective(fn), inputs=_without_row(inputs))
+    some_gradient = False
+    for x, grad, clean_grad in zip(inputs, grads, clean_grads):
+        grad = as_array(grad, x)
+        assert np.all(np.isfinite(grad)), grad
+        np.testing.assert_array_equal(grad[BAD_ROW], np.zeros_like(grad[BAD_ROW]))
+        np.testing.assert_allclose(
+            np.delete(grad, BAD_ROW, axis=0),
+            as_array(clean_grad, _without_row([x])[0]),
+            rtol=RTOL,
+            atol=1e-7,
+        )
+        some_gradient = some_gradient or bool(np.any(grad))
+    assert some_gradient, "the other tokens lost their gradient"
+
+
+@pytest.mark.parametrize("name", sorted(NON_FINITE_CASES))
+def test_all_tokens_non_finite_gives_finite_value_and_zero_gradient(name):
+    """No finite token left: the means divide by at least 1, nothing is NaN."""
+    fn, make_inputs, indices, _ = NON_FINITE_CASES[name]
+    inputs = make_inputs()
+    for row in range(len(inputs[0])):
+        inputs = _corrupt(inputs, indices, np.nan, "row", row=row)
+    value, grads, _ = gradients(_objective(fn), inputs=inputs)
+    assert np.isfinite(value)
+    assert np.all(np.isfinite(to_numpy(fn(*inputs))))
+    for grad in grads:
+        assert_no_gradient(grad)

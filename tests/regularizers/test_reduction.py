@@ -24,6 +24,16 @@ from testing_utils import to_numpy
 
 TOKENS = 8
 EXPERTS = 4
+# A token whose gates are NaN, in the first replica's half of the batch.
+NAN_ROW = 1
+
+
+def _with_nan_row(x):
+    x = np.array(x, np.float32, copy=True)
+    x[NAN_ROW] = np.nan
+    return x
+
+
 def distributed_cases():
     """name: (function of float32 arrays whose first is differentiated, its inputs)."""
     outputs = top_k_gates(40, tokens=TOKENS, experts=EXPERTS, k=2)
@@ -43,6 +53,16 @@ def distributed_cases():
             lambda clean, noisy, std: R.load_cv_squared(R.noisy_top_k_load(clean, noisy, std, 2)),
             [outputs["logits"], noisy_logits, np.full((TOKENS, EXPERTS), 0.8, np.float32)],
         ),
+        # A NaN token is left out of the global statistics: the token count is global.
+        "batch_entropy_loss[nan token]": (R.batch_entropy_loss, [_with_nan_row(dense_gates)]),
+        "sample_variance_loss[nan token]": (
+            R.sample_variance_loss, [_with_nan_row(dense_gates)]
+        ),
+        "switch_load_balance[nan token]": (
+            R.switch_load_balance,
+            [_with_nan_row(outputs["probs"]), outputs["dispatch_mask"]],
+        ),
+        "router_z_loss[nan token]": (R.router_z_loss, [_with_nan_row(outputs["logits"])]),
     }
     return {
         name: (fn, [np.asarray(x, np.float32) for x in inputs])
@@ -161,6 +181,19 @@ def test_mirrored_strategy_matches_single_device(mirrored_results, name):
     np.testing.assert_allclose(
         result["raw_replica_grad"], 2 * np.asarray(result["single_grad"]), rtol=RTOL, atol=1e-7
     )
+
+
+@requires_tensorflow
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name in CASE_NAMES if "[nan token]" in name])
+def test_mirrored_nan_token_is_left_out_of_the_global_count(mirrored_results, name):
+    """The NaN token is in one replica's half; both divide by the global 7 tokens."""
+    fn, inputs = distributed_cases()[name]
+    clean = [np.delete(x, NAN_ROW, axis=0) for x in inputs]
+    expected = float(to_numpy(fn(*clean)))
+    for value in mirrored_results[name]["per_replica"]:
+        np.testing.assert_allclose(value, expected, rtol=RTOL, atol=1e-7)
+    assert not np.any(mirrored_results[name]["replica_grad"][NAN_ROW])
 
 
 # ----------------------------------------------------------------------------------------
