@@ -11,6 +11,11 @@ import numpy as np
 import pytest
 
 from keras_moe import regularizers as R
+from keras_moe.layers import MoEDense
+from keras_moe.layers import NoisyTopKGate
+from keras_moe.layers import ReLUGate
+from keras_moe.layers import SoftmaxGate
+from keras_moe.layers import TSNEGate
 from regularizer_references import RTOL
 from regularizer_references import np_batch_entropy
 from regularizer_references import np_batch_variance
@@ -22,6 +27,8 @@ from regularizer_references import np_sample_variance
 from regularizer_references import np_switch
 from regularizer_references import requires_jax
 from regularizer_references import top_k_gates
+from testing_utils import assert_no_gradient
+from testing_utils import gradients
 from testing_utils import requires_tensorflow
 from testing_utils import to_numpy
 
@@ -236,3 +243,117 @@ def test_regularizer_as_layer_add_loss_trains(name):
     model(x, training=True)
     assert len(model.losses) == 1
 
+
+# ----------------------------------------------------------------------------------------
+# check_gate_supports: LoadLoss needs a gate whose load has a gradient
+# ----------------------------------------------------------------------------------------
+
+HARD_LOAD_GATES = {
+    "SoftmaxGate": lambda: SoftmaxGate(4),
+    "SoftmaxGate(top_k=2)": lambda: SoftmaxGate(4, top_k=2),
+    "NoisyTopKGate(noisy=False)": lambda: NoisyTopKGate(4, top_k=2, noisy=False),
+    "TSNEGate": lambda: TSNEGate(4),
+    "TSNEGate(top_k=2)": lambda: TSNEGate(4, top_k=2),
+}
+
+LOAD_LOSS_GATES = {
+    "NoisyTopKGate(noisy=True)": lambda: NoisyTopKGate(4, top_k=2, noisy=True),
+    "NoisyTopKGate(top_k=1)": lambda: NoisyTopKGate(4, top_k=1),
+    # Every token goes to every expert: the load is balanced by construction.
+    "SoftmaxGate(top_k=num_experts)": lambda: SoftmaxGate(4, top_k=4),
+    "NoisyTopKGate(top_k=num_experts)": lambda: NoisyTopKGate(4, top_k=4),
+    "NoisyTopKGate(top_k=num_experts, noisy=False)": lambda: NoisyTopKGate(
+        4, top_k=4, noisy=False
+    ),
+    "TSNEGate(top_k=num_experts)": lambda: TSNEGate(4, top_k=4),
+    # A gate that does not say whether its load is smooth is not checked.
+    "ReLUGate (no smooth_load)": lambda: ReLUGate(4),
+}
+
+
+@pytest.mark.parametrize("gate_name", sorted(HARD_LOAD_GATES))
+def test_check_gate_supports_refuses_load_loss_on_a_hard_load(gate_name):
+    gate = HARD_LOAD_GATES[gate_name]()
+    assert gate.smooth_load is False
+    with pytest.raises(ValueError) as info:
+        R.check_gate_supports(R.LoadLoss(), gate, "balance_loss")
+    message = str(info.value)
+    assert message.startswith("`balance_loss`: LoadLoss needs")
+    assert f"{type(gate).__name__} '{gate.name}'" in message
+    assert "hard count" in message
+    assert "Use ImportanceLoss or SwitchLoadBalanceLoss" in message
+    assert "NoisyTopKGate with noisy=True" in message
+    # The argument defaults to `balance_loss` and is named as given.
+    with pytest.raises(ValueError, match="^`balance_loss`: "):
+        R.check_gate_supports(R.LoadLoss(), gate)
+    with pytest.raises(ValueError, match="^`gate_loss`: "):
+        R.check_gate_supports(R.LoadLoss(0.5), gate, "gate_loss")
+
+
+@pytest.mark.parametrize("gate_name", sorted(LOAD_LOSS_GATES))
+def test_check_gate_supports_accepts_load_loss(gate_name):
+    gate = LOAD_LOSS_GATES[gate_name]()
+    assert R.check_gate_supports(R.LoadLoss(), gate, "balance_loss") is None
+
+
+@pytest.mark.parametrize("gate_name", sorted(HARD_LOAD_GATES))
+@pytest.mark.parametrize("cls", [cls for cls in ALL_CLASSES if cls is not R.LoadLoss])
+def test_check_gate_supports_accepts_terms_without_a_load(gate_name, cls):
+    assert cls.needs_smooth_load is False
+    assert R.check_gate_supports(cls(), HARD_LOAD_GATES[gate_name](), "balance_loss") is None
+
+
+@pytest.mark.parametrize(
+    "gate, has_load_gradient",
+    [
+        (lambda: SoftmaxGate(4, top_k=2), False),
+        (lambda: NoisyTopKGate(4, top_k=2, noisy=False), False),
+        (lambda: NoisyTopKGate(4, top_k=2, noisy=True), True),
+    ],
+    ids=["SoftmaxGate(top_k=2)", "NoisyTopKGate(noisy=False)", "NoisyTopKGate(noisy=True)"],
+)
+def test_smooth_load_says_whether_load_loss_has_a_gradient(gate, has_load_gradient):
+    """What the check guards: on a hard load LoadLoss would train nothing."""
+    gate = gate()
+    x = np.random.default_rng(60).normal(size=(32, 3)).astype(np.float32)
+    gate.build(x.shape)
+    rng = np.random.default_rng(61)
+    for weight in gate.trainable_variables:
+        weight.assign(rng.normal(size=weight.shape).astype(np.float32))
+    value, _, grads = gradients(
+        lambda inputs: R.LoadLoss(1.0)(gate(inputs, training=True)),
+        inputs=[x],
+        variables=gate.trainable_variables,
+    )
+    assert np.isfinite(value) and value > 0.0
+    assert gate.smooth_load is has_load_gradient
+    if has_load_gradient:
+        assert any(np.any(grad) for grad in grads)
+        assert all(np.all(np.isfinite(grad)) for grad in grads)
+    else:
+        for grad in grads:
+            assert_no_gradient(grad)
+
+
+def test_moe_dense_refuses_load_loss_on_a_softmax_gate_at_construction():
+    with pytest.raises(ValueError) as info:
+        MoEDense(8, num_experts=4, gate="softmax", top_k=2, balance_loss="load")
+    message = str(info.value)
+    assert "`balance_loss`" in message and "LoadLoss" in message
+    assert "ImportanceLoss or SwitchLoadBalanceLoss" in message
+    # Also inside a list of terms, and on a gate layer passed in.
+    with pytest.raises(ValueError, match="`balance_loss`: LoadLoss"):
+        MoEDense(
+            8,
+            num_experts=4,
+            top_k=2,
+            gate=NoisyTopKGate(4, top_k=2, noisy=False),
+            balance_loss=["importance", R.LoadLoss(0.1)],
+        )
+
+
+def test_moe_dense_accepts_load_loss_where_the_load_is_smooth():
+    layer = MoEDense(8, num_experts=4, gate="noisy_top_k", top_k=2, balance_loss="load")
+    assert [type(term) for term in layer.balance_loss] == [R.LoadLoss]
+    layer = MoEDense(8, num_experts=4, gate="softmax", top_k=2, balance_loss="importance")
+    assert [type(term) for term in layer.balance_loss] == [R.ImportanceLoss]
