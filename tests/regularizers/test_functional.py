@@ -398,6 +398,40 @@ def test_l1_gate_sparsity():
     assert float(to_numpy(R.l1_gate_sparsity(np.zeros((4, 16), np.float32)))) == 0.0
 
 
+def _conv_gates_and_one_nan_example(example=2):
+    """ReLU gates of a conv layer (batch, height, width, channels), and a copy in which
+    one entry of `example` is NaN."""
+    rng = np.random.default_rng(23)
+    gates = np.maximum(rng.normal(size=(6, 3, 4, 5)), 0.0).astype(np.float32)
+    corrupted = gates.copy()
+    corrupted[example, 1, 0, 3] = np.nan
+    return gates, corrupted, np.delete(gates, example, axis=0)
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("shape", [(None, None, None, None), (None, 3, None, 5)])
+def test_l1_gate_sparsity_in_tf_function_with_unknown_dims(shape):
+    """Conv gates in a graph whose spatial and channel sizes are unknown until run."""
+    import tensorflow as tf
+
+    l1 = tf.function(R.l1_gate_sparsity, input_signature=[tf.TensorSpec(shape, tf.float32)])
+    gates, corrupted, clean = _conv_gates_and_one_nan_example()
+    np.testing.assert_allclose(float(to_numpy(l1(gates))), np_l1(gates), rtol=RTOL)
+    np.testing.assert_allclose(float(to_numpy(l1(corrupted))), np_l1(clean), rtol=RTOL)
+
+
+@requires_jax
+def test_l1_gate_sparsity_under_jax_jit():
+    """The JAX counterpart of the graph test: traced once per (static) gate shape."""
+    import jax
+
+    l1 = jax.jit(R.l1_gate_sparsity)
+    gates, corrupted, clean = _conv_gates_and_one_nan_example()
+    for batch in (gates, gates[:, :2, :3]):
+        np.testing.assert_allclose(float(to_numpy(l1(batch))), np_l1(batch), rtol=RTOL)
+    np.testing.assert_allclose(float(to_numpy(l1(corrupted))), np_l1(clean), rtol=RTOL)
+
+
 # ----------------------------------------------------------------------------------------
 # non-finite tokens are left out of every batch statistic
 # ----------------------------------------------------------------------------------------
