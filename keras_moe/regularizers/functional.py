@@ -2,8 +2,9 @@
 
 Every function takes gate tensors of shape `(tokens, experts)` (any leading axes are
 flattened into tokens), computes in float32 and returns a float32 tensor. Every sum or mean
-over tokens goes through `batch_sum` from `keras_moe.regularizers.reduction`, so inside a `tf.distribute` replica context each term
-is computed from the statistics of the *global* batch and equals the single-device value.
+over tokens goes through `batch_sum` from `keras_moe.regularizers.reduction`, so inside a
+`tf.distribute` replica context each term is computed from the statistics of the *global*
+batch and equals the single-device value.
 
 A token whose gate values are not all finite (a NaN or infinite input reaches the gate
 as NaN logits) is left out of the batch statistics: it adds nothing to the sums and is
@@ -446,7 +447,10 @@ def l1_gate_sparsity(gates):
         raise ValueError(
             f"`gates` must have shape (batch, channels) (rank >= 2), got shape {gates.shape}"
         )
-    flat = ops.reshape(gates, (-1, math.prod(gates.shape[1:])))
-    keep = _finite_rows(flat)
-    per_example = ops.mean(ops.abs(_zero_rows(flat, keep)), axis=-1)
+    # Reduced over the non-batch axes in place, not flattened: their sizes may be unknown
+    # (a convolutional gate in a TensorFlow graph with unknown spatial dimensions).
+    example_axes = tuple(range(1, rank))
+    keep = ops.all(ops.isfinite(gates), axis=example_axes)
+    kept = ops.where(ops.reshape(keep, (-1,) + (1,) * (rank - 1)), gates, ops.zeros_like(gates))
+    per_example = ops.mean(ops.abs(kept), axis=example_axes)
     return _mean_over(per_example, ops.cast(keep, "float32"))

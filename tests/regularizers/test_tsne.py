@@ -1,12 +1,21 @@
-"""Tests of the parametric t-SNE objective against a float64 numpy reference."""
+"""Tests of the parametric t-SNE objective against a float64 numpy reference.
 
-import numpy as np
-import pytest
-import tensorflow as tf
+Backend-neutral: every test runs on TensorFlow and on JAX, except the TensorFlow-graph
+test with an unknown batch size, whose JAX counterpart runs under `jax.jit`.
+"""
 
 import keras
+import numpy as np
+import pytest
 
 from keras_moe.regularizers import tsne
+from regularizer_references import requires_jax
+from testing_utils import assert_no_gradient
+from testing_utils import gradients
+from testing_utils import requires_tensorflow
+from testing_utils import to_numpy
+
+pytestmark = pytest.mark.multi_backend
 
 
 # ---------------------------------------------------------------- numpy reference (float64)
@@ -75,7 +84,7 @@ def _data(n=50, d=10, seed=0):
 @pytest.mark.parametrize("perplexity", [5.0, 10.0, 30.0])
 def test_conditional_hits_perplexity(perplexity):
     x, _ = _data()
-    p = np.asarray(tsne.conditional_affinities(x, perplexity), np.float64)
+    p = to_numpy(tsne.conditional_affinities(x, perplexity)).astype(np.float64)
     assert np.all(np.diag(p) == 0)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(_perplexities(p), perplexity, atol=1e-3)
@@ -85,7 +94,7 @@ def test_conditional_hits_perplexity(perplexity):
 @pytest.mark.parametrize("perplexity", [5.0, 30.0])
 def test_joint_affinities(perplexity):
     x, _ = _data(seed=1)
-    p = np.asarray(tsne.tsne_affinities(x, perplexity), np.float64)
+    p = to_numpy(tsne.tsne_affinities(x, perplexity)).astype(np.float64)
     np.testing.assert_allclose(p, p.T, atol=1e-9)
     assert abs(p.sum() - 1.0) < 1e-5
     assert np.all(p >= 0) and np.all(np.diag(p) == 0)
@@ -96,7 +105,7 @@ def test_scale_invariance_of_search():
     """Distances far from 1 (tiny and huge) still hit the perplexity."""
     x, _ = _data(seed=2)
     for scale in (1e-3, 1e2):
-        p = np.asarray(tsne.conditional_affinities(x * scale, 10.0), np.float64)
+        p = to_numpy(tsne.conditional_affinities(x * scale, 10.0)).astype(np.float64)
         np.testing.assert_allclose(_perplexities(p), 10.0, atol=1e-3)
 
 
@@ -106,21 +115,18 @@ def test_kl_matches_numpy(perplexity, dof):
     x, y = _data(seed=3)
     p = _np_joint(x, perplexity)
     expected = _np_kl(p, y, dof)
-    got = float(tsne.parametric_tsne_loss(x, y, perplexity=perplexity, dof=dof))
+    got = float(to_numpy(tsne.parametric_tsne_loss(x, y, perplexity=perplexity, dof=dof)))
     np.testing.assert_allclose(got, expected, rtol=1e-4)
     # tsne_kl alone, on the reference P.
-    got_kl = float(tsne.tsne_kl(p.astype("float32"), y, dof=dof))
+    got_kl = float(to_numpy(tsne.tsne_kl(p.astype("float32"), y, dof=dof)))
     np.testing.assert_allclose(got_kl, expected, rtol=1e-4)
 
 
 def test_gradient_matches_analytic():
     x, y = _data(seed=4)
-    p = tsne.tsne_affinities(x, 10.0)
-    yv = tf.Variable(y)
-    with tf.GradientTape() as tape:
-        loss = tsne.tsne_kl(p, yv, dof=1.0)
-    grad = tape.gradient(loss, yv).numpy()
-    pn = np.asarray(p, np.float64)
+    p = to_numpy(tsne.tsne_affinities(x, 10.0))
+    _, (grad,), _ = gradients(lambda embedding: tsne.tsne_kl(p, embedding, dof=1.0), inputs=[y])
+    pn = p.astype(np.float64)
     y64 = y.astype(np.float64)
     q = _np_q(y64, 1.0)
     diff = y64[:, None, :] - y64[None, :, :]
@@ -131,14 +137,18 @@ def test_gradient_matches_analytic():
 
 def test_no_gradient_to_inputs():
     x, y = _data(seed=5)
-    xv = tf.Variable(x)
-    with tf.GradientTape() as tape:
-        loss = tsne.parametric_tsne_loss(xv, y, perplexity=10.0)
-    grad = tape.gradient(loss, xv)
-    assert grad is None or np.all(grad.numpy() == 0)
+    _, (grad_x, grad_y), _ = gradients(
+        lambda inputs, embedding: tsne.parametric_tsne_loss(inputs, embedding, perplexity=10.0),
+        inputs=[x, y],
+    )
+    assert_no_gradient(grad_x)
+    assert np.any(grad_y) and np.all(np.isfinite(grad_y))
 
 
+@requires_tensorflow
 def test_graph_mode_unknown_batch():
+    import tensorflow as tf
+
     x, y = _data(seed=6)
 
     @tf.function(
@@ -151,8 +161,21 @@ def test_graph_mode_unknown_batch():
         return tsne.parametric_tsne_loss(a, b, perplexity=10.0)
 
     np.testing.assert_allclose(
-        float(f(x, y)), _np_kl(_np_joint(x, 10.0), y, 1.0), rtol=1e-4
+        float(to_numpy(f(x, y))), _np_kl(_np_joint(x, 10.0), y, 1.0), rtol=1e-4
     )
+
+
+@requires_jax
+def test_parametric_tsne_loss_under_jax_jit():
+    """The JAX counterpart of the graph test: traced once per (static) batch size."""
+    import jax
+
+    loss = jax.jit(lambda a, b: tsne.parametric_tsne_loss(a, b, perplexity=10.0))
+    for n in (50, 30):
+        x, y = _data(n=n, seed=6)
+        np.testing.assert_allclose(
+            float(to_numpy(loss(x, y))), _np_kl(_np_joint(x, 10.0), y, 1.0), rtol=1e-4
+        )
 
 
 def test_parametric_embedding_learns_clusters():
@@ -165,24 +188,18 @@ def test_parametric_embedding_learns_clusters():
         [keras.Input((20,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(2)]
     )
     loss_fn = tsne.ParametricTSNELoss(perplexity=30.0)
-    optimizer = keras.optimizers.Adam(1e-2)
-    xt = tf.constant(x)
+    steps = 100
+    # 100 full-batch Adam steps in one compiled `fit` epoch: every batch is all of x, in
+    # order, and the loss reads the inputs (passed as the targets) and the map.
+    encoder.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss_fn)
+    repeated = np.tile(x, (steps, 1))
 
-    @tf.function
-    def train_step():
-        with tf.GradientTape() as tape:
-            loss = loss_fn(xt, encoder(xt))
-        grads = tape.gradient(loss, encoder.trainable_variables)
-        optimizer.apply_gradients(zip(grads, encoder.trainable_variables))
-        return loss
-
-    first = float(loss_fn(xt, encoder(xt)))
-    for _ in range(100):
-        train_step()
-    last = float(loss_fn(xt, encoder(xt)))
+    first = float(to_numpy(loss_fn(x, encoder(x))))
+    encoder.fit(repeated, repeated, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    last = float(to_numpy(loss_fn(x, encoder(x))))
     assert last < 0.7 * first
 
-    y = np.asarray(encoder(xt))
+    y = to_numpy(encoder(x))
     d = _np_sqdist(y)
     np.fill_diagonal(d, np.inf)
     neighbours = np.argsort(d, axis=1)[:, :5]
@@ -194,8 +211,8 @@ def test_parametric_embedding_learns_clusters():
 def test_loss_object_weight_and_config():
     x, y = _data(seed=7)
     loss_fn = tsne.ParametricTSNELoss(perplexity=10.0, dof=3.0, weight=0.5)
-    expected = 0.5 * float(tsne.parametric_tsne_loss(x, y, perplexity=10.0, dof=3.0))
-    np.testing.assert_allclose(float(loss_fn(x, y)), expected, rtol=1e-6)
+    expected = 0.5 * float(to_numpy(tsne.parametric_tsne_loss(x, y, perplexity=10.0, dof=3.0)))
+    np.testing.assert_allclose(float(to_numpy(loss_fn(x, y))), expected, rtol=1e-6)
     config = loss_fn.get_config()
     assert config == {"perplexity": 10.0, "dof": 3.0, "weight": 0.5}
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss_fn))
