@@ -21,8 +21,8 @@ def _build_model(dispatch):
         12, num_experts=4, top_k=2, gate_hidden_units=8, activation="relu",
         dispatch=dispatch,
         balance_loss=[
+            # (LoadLoss needs the noisy gate, whose noise differs per replica.)
             regularizers.ImportanceLoss(0.5),
-            regularizers.LoadLoss(0.5),
             regularizers.SwitchLoadBalanceLoss(0.2),
             regularizers.RouterZLoss(0.01),
         ],

@@ -65,7 +65,9 @@ def gradients(fn, inputs=(), variables=()):
 
         def pure(input_values, variable_values):
             mapping = list(zip(variables, variable_values))
-            with keras.StatelessScope(state_mapping=mapping):
+            # collect_losses: `add_loss` terms of layers called inside `fn` are kept
+            # (and read back by `layer.losses`), as they are outside a stateless scope.
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
                 return fn(*input_values)
 
         value, (input_grads, variable_grads) = jax.value_and_grad(pure, argnums=(0, 1))(
