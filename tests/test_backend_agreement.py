@@ -34,7 +34,10 @@ def both_backends(tmp_path_factory):
     for name, case in backend_agreement.CASES.items():
         tensorflow_results[name], states[name] = case(None)
     backend_agreement.save_states(states, folder / "states.npz")
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    from conftest import JAX_TEST_XLA_FLAGS
+
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS=" ".join(JAX_TEST_XLA_FLAGS), JAX_PLATFORMS="cpu")
     run = subprocess.run(
         [sys.executable, os.path.join(WORKERS, "backend_agreement.py"),
          str(folder / "states.npz"), str(folder / "jax.npz")],

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_moe import regularizers
+from keras_moe.regularizers import reduction
 from keras_moe.layers import dispatch as dispatch_lib
 from keras_moe import validation
 from keras_moe.layers.gates import NoisyTopKGate, SoftmaxGate
@@ -33,6 +34,17 @@ def _default_dispatch(top_k):
 
         return "capacity" if jax.default_backend() == "cpu" else "sparse"
     return "capacity"
+
+
+def _add_global(variable, delta):
+    """Adds `delta`, summed over the replicas of a `tf.distribute` strategy, to `variable`.
+
+    The layer's bookkeeping variables (Eigen's running totals, the drop counters) count
+    the global batch. They use ONLY_FIRST_REPLICA aggregation and every replica adds the
+    same global sum; SUM aggregation would add every replica's `variable + delta`,
+    doubling the old value on two replicas at each step.
+    """
+    variable.assign_add(ops.stop_gradient(reduction.cross_replica_sum(delta)))
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -275,7 +287,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 initializer="zeros",
                 trainable=False,
                 dtype="float32",
-                aggregation="sum",
+                aggregation="only_first_replica",
             )
             self.assignment_constraint_active = self.add_weight(
                 name="assignment_constraint_active",
@@ -295,7 +307,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 initializer="zeros",
                 trainable=False,
                 dtype="float32",
-                aggregation="sum",
+                aggregation="only_first_replica",
             )
             self.routed_assignments = self.add_weight(
                 name="routed_assignments",
@@ -303,7 +315,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 initializer="zeros",
                 trainable=False,
                 dtype="float32",
-                aggregation="sum",
+                aggregation="only_first_replica",
             )
 
     # Experts ---------------------------------------------------------------------------
@@ -397,7 +409,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         # The branches only compute; the running totals are updated after the cond, so
         # that on JAX no traced value escapes a branch into the variable.
         gates, added = ops.cond(self.assignment_constraint_active > 0.5, constrained, free)
-        self.assignment_totals.assign_add(added)
+        _add_global(self.assignment_totals, added)
         return gates
 
     # Forward ---------------------------------------------------------------------------
@@ -443,10 +455,10 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                     capacity,
                     self._batched_experts,
                 )
-                self.dropped_assignments.assign_add(ops.cast(dropped, "float32"))
+                _add_global(self.dropped_assignments, ops.cast(dropped, "float32"))
         if self.top_k is not None:
             assignments = ops.shape(tokens)[0] * self.top_k
-            self.routed_assignments.assign_add(ops.cast(assignments, "float32"))
+            _add_global(self.routed_assignments, ops.cast(assignments, "float32"))
 
         if token_axes > 1:
             outputs = ops.reshape(outputs, leading_shape + (self.units,))

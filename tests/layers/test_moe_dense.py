@@ -514,3 +514,24 @@ def test_one_non_finite_token_leaves_the_balance_losses_of_the_rest():
     assert np.isnan(outputs[0]).all()
     assert np.isfinite(outputs[1:]).all()  # other tokens' outputs are untouched
     np.testing.assert_allclose([float(to_numpy(v)) for v in layer.losses], clean, rtol=1e-5)
+
+
+@requires_tensorflow
+def test_bookkeeping_variables_count_the_global_batch_under_mirrored_strategy(
+    mirrored_strategy,
+):
+    """Drop counters and Eigen's running totals add every replica's assignments once."""
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(128, 10)).astype("float32")
+    y = rng.normal(size=(128, 4)).astype("float32")
+    with mirrored_strategy.scope():
+        inputs = keras.Input((10,))
+        top_k = MoEDense(4, num_experts=4, top_k=2, dispatch="capacity", capacity_factor=0.5)
+        soft = MoEDense(4, num_experts=3, gate_hidden_units=3, assignment_margin=2.0)
+        model = keras.Model(inputs, soft(top_k(inputs)))
+        model.compile("sgd", "mse")
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
+    assert float(to_numpy(top_k.routed_assignments)) == 2 * 2 * 128  # epochs * k * examples
+    assert 0.0 < top_k.dropped_fraction < 1.0
+    totals = to_numpy(soft.assignment_totals)  # every example's gates sum to 1
+    np.testing.assert_allclose(totals.sum(), 2 * 128, rtol=1e-5)
