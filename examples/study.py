@@ -862,20 +862,43 @@ def format_table(study, table):
 
 
 def format_markdown(study, table, results):
-    """The card's block: the table, the arms, the command that reproduces it."""
-    lines = [format_table(study, table), "", "Arms:", ""]
+    """The card's block: the table, the arms and their commands, how to reprint it."""
+    budget = table["budget"]
+    lines = [format_table(study, table), "", "Arms (each run: this command with `--seed N` "
+             "and a new `--out`):", ""]
     for arm in study.arms:
-        command = train_command(study, arm, table["budget"], "N",
-                                pathlib.Path(f"runs/study/{study.paper}/{table['budget']}/"
-                                             f"{arm.name}-seedN"))
+        command = train_command(study, arm, budget, "N", pathlib.Path("RUN_DIR"))
         command = [("python3" if c == sys.executable else
                     os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c) for c in command]
         lines.append(f"- `{arm.name}` ({arm.description}): `{shlex.join(command)}`")
-    lines += ["", f"Table printed by `python3 examples/study.py {study.paper} --print-only "
-              f"--markdown` from `{os.path.relpath(results, REPO) if str(results).startswith(str(REPO)) else results}`; "
-              f"the study itself (resumes where it stopped): `python3 examples/study.py "
-              f"{study.paper}`."]
+    flag = "" if budget == "full" else f" --budget {budget}"
+    shown = (os.path.relpath(results, REPO) if str(pathlib.Path(results).resolve()).startswith(
+        str(REPO)) else str(results))
+    lines += ["", f"Printed from `{shown}` alone by `python3 examples/study.py {study.paper}"
+              f"{flag} --print-only --update-card`; `python3 examples/study.py {study.paper}"
+              f"{flag}` trains the runs still missing."]
     return "\n".join(lines)
+
+
+CARD_BEGIN = "<!-- study table: begin (python3 examples/study.py {paper} --print-only --update-card) -->"
+CARD_END = "<!-- study table: end -->"
+
+
+def update_card(study, block, card=None):
+    """Replaces the text between the study's markers in its model card with `block`.
+
+    Raises:
+        ValueError: The card lacks the two marker lines (`CARD_BEGIN`, `CARD_END`).
+    """
+    card = pathlib.Path(card or REPO / study.card)
+    text = card.read_text()
+    begin, end = CARD_BEGIN.format(paper=study.paper), CARD_END
+    if begin not in text or end not in text.split(begin, 1)[-1]:
+        raise ValueError(f"{card}: no lines {begin!r} ... {end!r} to put the table between")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    card.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
+    return card
 
 
 def main(argv=None):
@@ -894,6 +917,9 @@ def main(argv=None):
     parser.add_argument("--print-only", action="store_true", help="print the table, train nothing")
     parser.add_argument("--markdown", action="store_true", help="print the model card's block")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    parser.add_argument("--update-card", action="store_true",
+                        help="also write the --markdown block into the model card, between "
+                             "its study-table markers")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     study = get_study(args.paper)
@@ -913,6 +939,8 @@ def main(argv=None):
                   deterministic=deterministic, keep_checkpoints=args.keep_checkpoints,
                   log=lambda text: print(text, flush=True))
     table = compute_table(study, read_rows(results), args.budget, deterministic)
+    if args.update_card:
+        print(f"updated {update_card(study, format_markdown(study, table, results))}")
     if args.json:
         print(json.dumps(table, indent=2))
     elif args.markdown:

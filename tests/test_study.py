@@ -155,3 +155,17 @@ def test_summary_of_one_value_has_no_spread():
     summary = study.summarize([0.5])
     assert summary["mean"] == 0.5
     assert summary["std"] is None and summary["ci_low"] is None
+
+
+def test_update_card_replaces_only_the_text_between_the_markers(tmp_path):
+    shazeer = study.get_study("shazeer")
+    begin = study.CARD_BEGIN.format(paper="shazeer")
+    card = tmp_path / "card.md"
+    card.write_text(f"# Card\n\nbefore\n{begin}\nold table\n{study.CARD_END}\nafter\n")
+    study.update_card(shazeer, "new table\nline 2", card)
+    study.update_card(shazeer, "newer table", card)
+    assert card.read_text() == (f"# Card\n\nbefore\n{begin}\nnewer table\n"
+                                f"{study.CARD_END}\nafter\n")
+    card.write_text("# Card without markers\n")
+    with pytest.raises(ValueError, match="no lines"):
+        study.update_card(shazeer, "table", card)
