@@ -828,9 +828,9 @@ def format_table(study, table):
     labels = {m.key: m.label for m in study.metrics}
     lines = [f"Runs in: {table['runs_done']} of {table['runs_planned']} "
              f"({len(study.arms)} arms x {table['budget_settings']['seeds']} seeds), budget "
-             f"`{table['budget']}`: " + ", ".join(f"{k} {v}" for k, v in
-                                                   table["budget_settings"].items()
-                                                   if k != "seeds") + "."
+             f"`{table['budget']}`: " + ", ".join(
+                 f"{k} {'all' if k.endswith('_size') and v == 0 else v}"
+                 for k, v in table["budget_settings"].items() if k != "seeds") + "."
              + (f" Also {table['runs_beyond_plan']} runs of further seeds."
                 if table["runs_beyond_plan"] else "")]
     if table["rows_with_other_settings"]:
