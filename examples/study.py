@@ -182,11 +182,21 @@ class Arm:
 
 @dataclasses.dataclass
 class Metric:
-    """A scalar of a row's `metrics` shown in the table: key, label, decimals."""
+    """A scalar of a row's `metrics` shown in the table: key, label, decimals.
+
+    `derive` (optional) computes it from the row's `metrics` instead (a number the
+    row holds in another form, e.g. a count over the stored per-expert shares).
+    """
 
     key: str
     label: str
     decimals: int = 4
+    derive: object = None
+
+    def value(self, metrics):
+        """The metric's value in a row's `metrics` (None if absent)."""
+        value = self.derive(metrics) if self.derive else metrics.get(self.key)
+        return value if isinstance(value, (int, float)) else None
 
 
 @dataclasses.dataclass
@@ -584,6 +594,8 @@ def shazeer_study():
         Metric("load_cv", "CV of load", 3),
         Metric("max_share", "busiest expert's share", 3),
         Metric("min_share", "idlest expert's share", 3),
+        Metric("experts_used", "experts with more than 1% of the assignments", 1,
+               derive=lambda m: sum(share > 0.01 for share in m["share"])),
     ]
     comparisons = [
         Comparison("balanced - unbalanced", "balanced", "unbalanced", metric, decimals=d)
@@ -777,14 +789,12 @@ def compute_table(study, rows, budget_name, deterministic=True):
     for arm in study.arms:
         runs = by_arm.get(arm.name, {})
         for metric in study.metrics:
-            values = [m[metric.key] for _, m in sorted(runs.items())
-                      if isinstance(m.get(metric.key), (int, float))]
-            if not values:
+            seeds = [s for s, m in sorted(runs.items()) if metric.value(m) is not None]
+            if not seeds:
                 continue
             arms.append({"arm": arm.name, "metric": metric.key, "label": metric.label,
-                         "decimals": metric.decimals, "seeds": [s for s, m in sorted(runs.items())
-                                                                if metric.key in m],
-                         **summarize(values)})
+                         "decimals": metric.decimals, "seeds": seeds,
+                         **summarize([metric.value(runs[s]) for s in seeds])})
     comparisons = []
     for comparison in study.comparisons:
         a_runs, b_runs = by_arm.get(comparison.arm_a, {}), by_arm.get(comparison.arm_b, {})
