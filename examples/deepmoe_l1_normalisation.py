@@ -14,6 +14,11 @@ prints the same report, per-layer gate densities included. Compare with
 `zoo/deepmoe.md` ("Recipes").
 
     python examples/deepmoe_l1_normalisation.py --term layer_mean --seed 0 --out runs/l1_layer_s0
+
+It takes `keras-moe train`'s flags that change what is trained (`--set`, `--train-size`,
+`--test-size`, `--deterministic`; `--no-export` is accepted and a no-op: this script
+never exports), so `examples/study.py deepmoe` runs its `wide_layer_mean` arm with the
+same settings as the `keras-moe train` arms.
 """
 
 import argparse
@@ -44,9 +49,26 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="a new run directory")
     parser.add_argument("--recipe", default="deepmoe_resnet8_fashion_mnist")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="any recipe value, as keras-moe train --set (repeatable)")
+    parser.add_argument("--train-size", type=int, help="first N training examples (0: all)")
+    parser.add_argument("--test-size", type=int, help="first N test examples (0: all)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="TensorFlow op determinism, as keras-moe train --deterministic")
+    parser.add_argument("--no-export", action="store_true",
+                        help="accepted for keras-moe train's flags; nothing is exported")
     args = parser.parse_args()
 
+    overrides = [f"data.{key}={value}" for key, value in
+                 (("train_size", args.train_size), ("test_size", args.test_size))
+                 if value is not None] + args.set
     recipe = recipes.load_recipe(args.recipe)
+    if overrides:
+        recipe = recipe.override(overrides)
+    if args.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     build = runner.build_model
     runner.build_model = lambda recipe, data=None: set_l1_term(build(recipe, data), args.term)
     result = runner.train_recipe(recipe, args.out, seed=args.seed, verbose=2)

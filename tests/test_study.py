@@ -1,0 +1,171 @@
+"""examples/study.py: rows of a results file, resuming, torn lines, and the table's numbers.
+
+One end-to-end run of the Shazeer study at its `tiny` budget (1 seed, 2 arms, two
+batches each, 256 training / 256 test images) into a temporary results file, through
+`keras-moe train` as the study runs it; then the table is checked against a
+recomputation with scipy from a results file holding several seeds.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+STUDY_SCRIPT = REPO / "examples" / "study.py"
+
+
+def _load_study_module():
+    spec = importlib.util.spec_from_file_location("study", STUDY_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_study_module()
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run([sys.executable, str(STUDY_SCRIPT), *map(str, args)],
+                               capture_output=True, text=True, timeout=timeout, env=env)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _check_summary(entry, values):
+    """A table entry against numpy / scipy recomputed from `values`."""
+    values = np.asarray(values, dtype=float)
+    assert entry["n"] == len(values)
+    assert entry["mean"] == pytest.approx(values.mean(), rel=1e-12, abs=1e-12)
+    assert entry["std"] == pytest.approx(values.std(ddof=1), rel=1e-12, abs=1e-12)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(),
+                                 scale=stats.sem(values))
+    assert entry["ci_low"] == pytest.approx(low, rel=1e-9, abs=1e-12)
+    assert entry["ci_high"] == pytest.approx(high, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_study_rows_resume_torn_line_and_table(tmp_path):
+    results = tmp_path / "results" / "shazeer.jsonl"
+    runs = tmp_path / "runs"
+    common = ("shazeer", "--budget", "tiny", "--results", results, "--runs-dir", runs)
+
+    first = _run(*common)
+    rows = _rows(results)
+    assert [(r["arm"], r["seed"]) for r in rows] == [("balanced", 0), ("unbalanced", 0)]
+    for row in rows:
+        for field in ("paper", "arm", "seed", "budget", "budget_settings", "recipe", "model",
+                      "metrics", "command", "code_commit", "date", "settings_id"):
+            assert field in row, field
+        assert row["paper"] == "shazeer" and row["budget"] == "tiny"
+        assert row["recipe"] == "sparse_moe_fashion_mnist"
+        assert row["train_examples"] == 256 and row["test_examples"] == 256
+        assert row["command"].startswith("keras-moe train sparse_moe_fashion_mnist ")
+        assert "--seed 0" in row["command"] and "--no-export" in row["command"]
+        metrics = row["metrics"]
+        assert 0.0 <= metrics["test_accuracy"] <= 1.0
+        assert metrics["importance_cv"] >= 0 and metrics["load_cv"] >= 0
+        assert len(metrics["share"]) == 8
+        assert sum(metrics["share"]) == pytest.approx(1.0, abs=1e-3)
+        run_dir, = [p for p in runs.glob(f"shazeer/tiny/{row['arm']}-seed0-*") if p.is_dir()]
+        report = json.loads((run_dir / "report.json").read_text())
+        assert metrics["test_accuracy"] == report["test"]["accuracy"]
+    # The unbalanced arm really ran without the balancing losses.
+    assert "losses.importance_weight=0.0" in rows[1]["command"]
+    assert "losses.importance_weight" not in rows[0]["command"]
+    assert "run shazeer balanced seed 0" in first.stdout
+
+    # A second invocation trains nothing: every row is there.
+    before = results.read_bytes()
+    second = _run(*common)
+    assert results.read_bytes() == before
+    assert second.stdout.count("skip shazeer") == 2
+    assert "run shazeer" not in second.stdout
+
+    # A torn last line (a crash mid-write) is ignored with a warning ...
+    results.write_bytes(before + b'{"paper": "shazeer", "arm": "balanced", "se')
+    printed = _run(*common, "--print-only", "--json")
+    assert "torn" in printed.stderr
+    table = json.loads(printed.stdout)
+    assert table["runs_done"] == 2 and table["runs_planned"] == 2
+    # ... and the next append cuts it off, so every line is a row again.
+    study.append_row(results, dict(rows[0], seed=1))
+    assert [r["seed"] for r in _rows(results)] == [0, 0, 1]
+
+    # The printed table equals a recomputation from a file with several seeds.
+    rng = np.random.default_rng(0)
+    several = tmp_path / "several.jsonl"
+    for seed in range(5):
+        for row in rows:
+            metrics = dict(row["metrics"], test_accuracy=float(rng.uniform(0.6, 0.9)),
+                           load_cv=float(rng.uniform(0, 3)),
+                           importance_cv=float(rng.uniform(0, 3)))
+            study.append_row(several, dict(row, seed=seed, metrics=metrics))
+    # A row of another settings fingerprint (the arm's command changed) is left out.
+    study.append_row(several, dict(rows[0], seed=7, settings_id="other"))
+    table = json.loads(_run("shazeer", "--budget", "tiny", "--results", several,
+                            "--print-only", "--json").stdout)
+    assert table["runs_done"] == 2 and table["runs_beyond_plan"] == 8
+    assert table["rows_with_other_settings"] == 1
+    values = {(r["arm"], r["seed"]): r["metrics"] for r in _rows(several)
+              if r["settings_id"] != "other"}
+    entries = {(e["arm"], e["metric"]): e for e in table["arms"]}
+    for arm in ("balanced", "unbalanced"):
+        for metric in ("test_accuracy", "load_cv", "importance_cv"):
+            _check_summary(entries[arm, metric],
+                           [values[arm, s][metric] for s in range(5)])
+    paired = {(e["label"], e["metric"]): e for e in table["comparisons"]}
+    for metric in ("test_accuracy", "load_cv"):
+        differences = [values["balanced", s][metric] - values["unbalanced", s][metric]
+                       for s in range(5)]
+        _check_summary(paired["balanced - unbalanced", metric], differences)
+
+    # The markdown table prints those numbers.
+    markdown = _run("shazeer", "--budget", "tiny", "--results", several, "--print-only",
+                    "--markdown").stdout
+    entry = entries["balanced", "test_accuracy"]
+    assert (f"| balanced | test accuracy | 5 | {entry['mean']:.4f} | {entry['std']:.4f} | "
+            f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}] |") in markdown
+    entry = paired["balanced - unbalanced", "load_cv"]
+    assert (f"| balanced - unbalanced | CV of load (difference) | 5 | {entry['mean']:.3f} | "
+            f"{entry['std']:.3f} | [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}] |") in markdown
+    assert "Runs in: 2 of 2" in markdown and "Also 8 runs of further seeds" in markdown
+
+
+def test_a_damaged_line_before_the_last_is_an_error(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        study.read_rows(path)
+
+
+def test_summary_of_one_value_has_no_spread():
+    summary = study.summarize([0.5])
+    assert summary["mean"] == 0.5
+    assert summary["std"] is None and summary["ci_low"] is None
+
+
+def test_update_card_replaces_only_the_text_between_the_markers(tmp_path):
+    shazeer = study.get_study("shazeer")
+    begin = study.CARD_BEGIN.format(paper="shazeer")
+    card = tmp_path / "card.md"
+    card.write_text(f"# Card\n\nbefore\n{begin}\nold table\n{study.CARD_END}\nafter\n")
+    study.update_card(shazeer, "new table\nline 2", card)
+    study.update_card(shazeer, "newer table", card)
+    assert card.read_text() == (f"# Card\n\nbefore\n{begin}\nnewer table\n"
+                                f"{study.CARD_END}\nafter\n")
+    card.write_text("# Card without markers\n")
+    with pytest.raises(ValueError, match="no lines"):
+        study.update_card(shazeer, "table", card)
