@@ -313,59 +313,130 @@ def expert_capacity(num_tokens, k, num_experts, capacity_factor):
 
 
 def capacity_dispatch(
-    tokens, top_k_indices, top_k_gates, num_experts, capacity, batched_expert_fn
+    tokens,
+    top_k_indices,
+    top_k_gates,
+    num_experts,
+    capacity,
+    batched_expert_fn,
+    groups=1,
+    shard=None,
 ):
-    """Top-k dispatch into fixed-size expert buffers (static shapes).
+    """Top-k dispatch into fixed-size expert buffers (static shapes), by token groups.
 
-    Assignments claim slots in priority order: every token's first choice before any
-    token's second choice, and within a choice, earlier tokens first (GShard's order).
-    Assignments that find their expert full are dropped.
+    The tokens are split into `groups` equal, consecutive groups (GShard's groups: with
+    expert parallelism, one per device), and each group routes on its own: each expert
+    has `capacity` slots per group, and a group's assignments claim them in priority
+    order, every token's first choice before any token's second choice, earlier tokens
+    first within a choice. Assignments that find their expert's slots full are dropped
+    (they contribute zero) and counted. With one group this is GShard's rule over the
+    whole batch.
+
+    Everything before the experts and after them is a gather within a group (a sort of
+    the group's assignments by expert decides which token fills each slot), so that with
+    the groups split over devices and the experts over a device axis, the only exchange
+    between devices is the reshuffle of the (groups, experts, capacity, features) buffer
+    from group-major to expert-major and back: an all-to-all each way.
 
     Args:
-        tokens: (tokens, features) inputs.
+        tokens: (tokens, features) inputs; `tokens` divisible by `groups`.
         top_k_indices: (tokens, k) int32 expert of each assignment.
         top_k_gates: (tokens, k) gate of each assignment.
         num_experts: Number of experts.
-        capacity: Slots per expert (int or scalar int tensor).
-        batched_expert_fn: Maps (experts, capacity, features) to (experts, capacity, units).
+        capacity: Slots per expert and group (int or scalar int tensor).
+        batched_expert_fn: Maps (experts, n, features) to (experts, n, units), expert e
+            on slice e.
+        groups: Number of token groups, >= 1 (static).
+        shard: None, or an object with `by_group(x)` and `by_expert(x)` that place a
+            (groups, experts, ...) or (experts, groups, ...) buffer on the devices (see
+            `keras_moe.expert_parallel`).
 
     Returns:
         `(outputs, dropped)`: (tokens, units) combined outputs and the number of
         dropped assignments (int32 scalar).
     """
-    num_tokens = ops.shape(tokens)[0]
     k = top_k_indices.shape[-1]
     features = tokens.shape[-1]
-    # Choice-major order: row j * tokens + t is token t's j-th choice.
-    expert_ids = ops.reshape(ops.transpose(top_k_indices), (-1,))
-    gate_values = ops.reshape(ops.transpose(top_k_gates), (-1,))
-    token_ids = ops.tile(ops.arange(num_tokens, dtype="int32"), (k,))
-
-    one_hot = ops.one_hot(expert_ids, num_experts, dtype="int32")
-    position = ops.sum((ops.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
-    kept = position < capacity
-    overflow_slot = num_experts * capacity
-    slots = ops.where(kept, expert_ids * capacity + position, overflow_slot)
-
-    buffer = ops.scatter(
-        ops.expand_dims(slots, -1),
-        ops.take(tokens, token_ids, axis=0),
-        (overflow_slot + 1, features),
+    static_tokens = tokens.shape[0]
+    if groups > 1 and (static_tokens is None or static_tokens % groups):
+        raise ValueError(
+            f"capacity dispatch over {groups} token groups needs a static number of "
+            f"tokens divisible by {groups}; got {static_tokens} tokens."
+        )
+    per_group = static_tokens // groups if static_tokens is not None else -1
+    x = ops.reshape(tokens, (groups, per_group, features))
+    per_group = ops.shape(x)[1]
+    # Choice-major order within a group: assignment j * per_group + s is token s's j-th
+    # choice, so that sorting by expert with ties kept in this order gives the priority.
+    expert_ids = ops.reshape(
+        ops.transpose(ops.reshape(top_k_indices, (groups, per_group, k)), (0, 2, 1)),
+        (groups, -1),
     )
-    expert_inputs = ops.reshape(buffer[:overflow_slot], (num_experts, capacity, features))
-    expert_outputs = batched_expert_fn(expert_inputs)
+    gate_values = ops.reshape(
+        ops.transpose(ops.reshape(top_k_gates, (groups, per_group, k)), (0, 2, 1)),
+        (groups, -1),
+    )
+    assignments = ops.shape(expert_ids)[1]
+    # Unique keys make any sort stable (TensorFlow's argsort is not).
+    index = ops.arange(assignments, dtype="int32")
+    order = ops.argsort(expert_ids * assignments + index[None, :], axis=-1)  # row -> a
+    position = ops.argsort(order, axis=-1)  # assignment -> its row in that order
+    counts = ops.sum(ops.one_hot(expert_ids, num_experts, dtype="int32"), axis=1)  # (G, E)
+    starts = ops.cumsum(counts, axis=-1) - counts
+    rank = ops.cast(position, "int32") - ops.take_along_axis(starts, expert_ids, axis=1)
+    kept = rank < capacity
+
+    # Slot (e, c) of a group holds the assignment at row starts[e] + c of the order.
+    slot = ops.arange(capacity, dtype="int32")
+    filled = slot[None, None, :] < counts[:, :, None]  # (G, E, C)
+    slot_rows = ops.where(filled, starts[:, :, None] + slot[None, None, :], 0)
+    slot_assignment = ops.take_along_axis(
+        ops.cast(order, "int32"), ops.reshape(slot_rows, (groups, -1)), axis=1
+    )
+    slot_token = slot_assignment % per_group
+    filled = ops.reshape(filled, (groups, -1))
+    expert_inputs = _take_rows(x, slot_token) * ops.cast(filled, x.dtype)[:, :, None]
+
+    expert_inputs = ops.reshape(expert_inputs, (groups, num_experts, capacity, features))
+    if shard is not None:
+        expert_inputs = shard.by_group(expert_inputs)
+    expert_inputs = ops.transpose(expert_inputs, (1, 0, 2, 3))  # (E, G, C, d)
+    if shard is not None:
+        expert_inputs = shard.by_expert(expert_inputs)
+    expert_outputs = batched_expert_fn(ops.reshape(expert_inputs, (num_experts, -1, features)))
     units = expert_outputs.shape[-1]
-    flat_outputs = ops.concatenate(
-        [
-            ops.reshape(expert_outputs, (overflow_slot, units)),
-            ops.zeros((1, units), dtype=expert_outputs.dtype),
-        ],
-        axis=0,
-    )
-    weights = ops.cast(gate_values, expert_outputs.dtype) * ops.cast(
-        kept, expert_outputs.dtype
-    )
-    per_assignment = ops.take(flat_outputs, slots, axis=0) * weights[:, None]
-    outputs = ops.sum(ops.reshape(per_assignment, (k, num_tokens, units)), axis=0)
+    expert_outputs = ops.reshape(expert_outputs, (num_experts, groups, capacity, units))
+    if shard is not None:
+        expert_outputs = shard.by_expert(expert_outputs)
+    expert_outputs = ops.transpose(expert_outputs, (1, 0, 2, 3))  # (G, E, C, u)
+    if shard is not None:
+        expert_outputs = shard.by_group(expert_outputs)
+    expert_outputs = ops.reshape(expert_outputs, (groups, -1, units))
+
+    slot_of_assignment = expert_ids * capacity + ops.minimum(rank, capacity - 1)
+    weights = ops.cast(gate_values, expert_outputs.dtype) * ops.cast(kept, expert_outputs.dtype)
+    per_assignment = _take_rows(expert_outputs, slot_of_assignment) * weights[:, :, None]
+    outputs = ops.sum(ops.reshape(per_assignment, (groups, k, per_group, units)), axis=1)
+    outputs = ops.reshape(outputs, (-1, units))
     dropped = ops.sum(ops.cast(ops.logical_not(kept), "int32"))
     return outputs, dropped
+
+
+def _take_rows(x, indices):
+    """`x[g, indices[g, n]]` for every group g: (groups, rows, d), (groups, n) -> (groups, n, d).
+
+    A gather within each group, written so that each backend keeps it one: TensorFlow's
+    batched gather, and on JAX a vmapped take, which XLA's SPMD partitioner keeps on the
+    device of its group.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.gather(x, indices, batch_dims=1)
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        return jax.vmap(lambda rows, index: jnp.take(rows, index, axis=0))(x, indices)
+    return ops.take_along_axis(x, ops.expand_dims(indices, -1), axis=1)

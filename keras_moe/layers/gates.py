@@ -20,13 +20,14 @@ import keras
 from keras import ops
 
 from keras_moe.regularizers import functional as reg_fn
+from keras_moe import ops as moe_ops
 from keras_moe import validation
 
 
 def _top_k_outputs(logits, selection_logits, k):
     """Softmax over the k largest `selection_logits`, scattered back to a dense layout."""
     num_experts = logits.shape[-1]
-    top_values, top_indices = ops.top_k(selection_logits, k)
+    top_values, top_indices = moe_ops.top_k(selection_logits, k)
     # A softmax over one logit is identically 1 (and would warn); say so directly.
     top_gates = ops.softmax(top_values, axis=-1) if k > 1 else ops.ones_like(top_values)
     one_hot = ops.one_hot(top_indices, num_experts, dtype="float32")

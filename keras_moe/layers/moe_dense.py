@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_moe import expert_parallel
 from keras_moe import regularizers
 from keras_moe.regularizers import reduction
 from keras_moe.layers import dispatch as dispatch_lib
@@ -100,7 +101,13 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             gating. Sparse and capacity need `top_k`. The dispatch mode changes no
             weight: a model trained with one mode loads its weights into another.
         capacity_factor: Capacity mode's slack, > 0: each expert has
-            `ceil(capacity_factor * top_k * tokens / num_experts)` slots.
+            `ceil(capacity_factor * top_k * tokens / num_experts)` slots (per token
+            group).
+        token_groups: Capacity dispatch only: split the tokens into this many equal
+            groups, each routed on its own with its own slots (GShard's groups), or
+            None: one group per device under a `keras_moe.expert_parallel`
+            distribution, one group otherwise. A single device with the same
+            `token_groups` drops exactly what the sharded layer drops.
         balance_loss: None, a regularizer (instance, registered name or config) from
             `keras_moe.regularizers`, or a list of them; their coefficients live in
             the regularizer objects.
@@ -139,6 +146,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         use_bias=True,
         dispatch=None,
         capacity_factor=1.25,
+        token_groups=None,
         balance_loss=None,
         assignment_margin=None,
         return_gates=False,
@@ -160,6 +168,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         self.expert_hidden_activation = keras.activations.get(expert_hidden_activation)
         self.use_bias = bool(use_bias)
         self.capacity_factor = validation.positive_float("capacity_factor", capacity_factor)
+        self.token_groups = validation.positive_int("token_groups", token_groups, allow_none=True)
         self.assignment_margin = validation.non_negative_float(
             "assignment_margin", assignment_margin, allow_none=True
         )
@@ -180,6 +189,11 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             raise ValueError(
                 "`dispatch`='sparse' needs the TensorFlow or JAX backend; on "
                 f"{keras.backend.backend()!r} use 'capacity' or 'dense'."
+            )
+        if self.token_groups is not None and self.dispatch != "capacity":
+            raise ValueError(
+                f"`token_groups` applies to dispatch='capacity'; got dispatch="
+                f"{self.dispatch!r}."
             )
         if self.assignment_margin is not None and self.top_k is not None:
             raise ValueError(
@@ -250,36 +264,8 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         self._checked_gate_outputs(
             self.gate.compute_output_spec(keras.KerasTensor((None, input_dim)))
         )
-        experts = self.num_experts
-        width = input_dim
-        if self.expert_hidden_units is not None:
-            self.hidden_kernel = self.add_weight(
-                name="hidden_kernel",
-                shape=(experts, input_dim, self.expert_hidden_units),
-                initializer=self.kernel_initializer,
-            )
-            self.hidden_bias = (
-                self.add_weight(
-                    name="hidden_bias",
-                    shape=(experts, self.expert_hidden_units),
-                    initializer=self.bias_initializer,
-                )
-                if self.use_bias
-                else None
-            )
-            width = self.expert_hidden_units
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(experts, width, self.units),
-            initializer=self.kernel_initializer,
-        )
-        self.bias = (
-            self.add_weight(
-                name="bias", shape=(experts, self.units), initializer=self.bias_initializer
-            )
-            if self.use_bias
-            else None
-        )
+        with expert_parallel.expert_weights(self.num_experts):
+            self._build_experts(input_dim)
         if self.assignment_margin is not None:
             self.assignment_totals = self.add_weight(
                 name="assignment_totals",
@@ -319,6 +305,40 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             )
 
     # Experts ---------------------------------------------------------------------------
+
+    def _build_experts(self, input_dim):
+        """The stacked expert weights (leading expert axis; split over devices under
+        `keras_moe.expert_parallel`)."""
+        experts = self.num_experts
+        width = input_dim
+        if self.expert_hidden_units is not None:
+            self.hidden_kernel = self.add_weight(
+                name="hidden_kernel",
+                shape=(experts, input_dim, self.expert_hidden_units),
+                initializer=self.kernel_initializer,
+            )
+            self.hidden_bias = (
+                self.add_weight(
+                    name="hidden_bias",
+                    shape=(experts, self.expert_hidden_units),
+                    initializer=self.bias_initializer,
+                )
+                if self.use_bias
+                else None
+            )
+            width = self.expert_hidden_units
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(experts, width, self.units),
+            initializer=self.kernel_initializer,
+        )
+        self.bias = (
+            self.add_weight(
+                name="bias", shape=(experts, self.units), initializer=self.bias_initializer
+            )
+            if self.use_bias
+            else None
+        )
 
     def _expert(self, x, hidden_kernel, hidden_bias, kernel, bias):
         """One expert on a (tokens, features) or a batched (experts, tokens, features) x."""
@@ -436,25 +456,18 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         else:
             top_k_indices, top_k_gates = self._top_k_assignments(gate_outputs)
             if self.dispatch == "sparse":
+                if expert_parallel.current() is not None:
+                    raise ValueError(
+                        f"MoEDense '{self.name}': dispatch='sparse' does not run under "
+                        "expert_parallel (its row counts per device are data-dependent); "
+                        "use dispatch='capacity', which the distribution splits over "
+                        "the devices."
+                    )
                 outputs = dispatch_lib.sparse_dispatch(
                     tokens, top_k_indices, top_k_gates, self.num_experts, self._grouped_experts
                 )
             else:
-                static_tokens = tokens.shape[0]
-                capacity = dispatch_lib.expert_capacity(
-                    static_tokens if static_tokens is not None else ops.shape(tokens)[0],
-                    self.top_k,
-                    self.num_experts,
-                    self.capacity_factor,
-                )
-                outputs, dropped = dispatch_lib.capacity_dispatch(
-                    tokens,
-                    top_k_indices,
-                    top_k_gates,
-                    self.num_experts,
-                    capacity,
-                    self._batched_experts,
-                )
+                outputs, dropped = self._capacity_dispatch(tokens, top_k_indices, top_k_gates)
                 _add_global(self.dropped_assignments, ops.cast(dropped, "float32"))
         if self.top_k is not None:
             assignments = ops.shape(tokens)[0] * self.top_k
@@ -466,6 +479,41 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         if self.return_gates:
             return outputs, gates
         return outputs
+
+    def _capacity_dispatch(self, tokens, top_k_indices, top_k_gates):
+        """Capacity dispatch by token groups: `token_groups`, or one per device of an
+        active `keras_moe.expert_parallel` distribution (whose placement it applies)."""
+        groups, shard = expert_parallel.shard_dispatch()
+        if self.token_groups is not None:
+            if shard is not None and self.token_groups % groups:
+                raise ValueError(
+                    f"token_groups={self.token_groups} must be a multiple of the "
+                    f"{groups} devices of the expert-parallel distribution."
+                )
+            groups = self.token_groups
+        static_tokens = tokens.shape[0]
+        num_tokens = static_tokens if static_tokens is not None else ops.shape(tokens)[0]
+        if groups > 1:
+            if static_tokens is None or static_tokens % groups:
+                raise ValueError(
+                    f"MoEDense '{self.name}': capacity dispatch over {groups} token groups "
+                    f"needs a number of tokens divisible by {groups}, got {static_tokens} "
+                    "(batch size times positions per example)."
+                )
+            num_tokens = static_tokens // groups
+        capacity = dispatch_lib.expert_capacity(
+            num_tokens, self.top_k, self.num_experts, self.capacity_factor
+        )
+        return dispatch_lib.capacity_dispatch(
+            tokens,
+            top_k_indices,
+            top_k_gates,
+            self.num_experts,
+            capacity,
+            self._batched_experts,
+            groups=groups,
+            shard=shard,
+        )
 
     def _gate_outputs(self, tokens, training):
         return self._checked_gate_outputs(self.gate(tokens, training=training))
@@ -535,6 +583,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 "use_bias": self.use_bias,
                 "dispatch": self.dispatch,
                 "capacity_factor": self.capacity_factor,
+                "token_groups": self.token_groups,
                 "balance_loss": [regularizers.serialize(r) for r in self.balance_loss],
                 "assignment_margin": self.assignment_margin,
                 "return_gates": self.return_gates,

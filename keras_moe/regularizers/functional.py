@@ -27,6 +27,7 @@ import math
 
 from keras import ops
 
+from keras_moe import ops as moe_ops
 from keras_moe import validation
 from keras_moe.regularizers.reduction import batch_sum
 
@@ -227,7 +228,7 @@ def noisy_top_k_load(clean_logits, noisy_logits, noise_stddev, k):
     noisy_logits = _zero_rows(noisy_logits, keep)
     noise_stddev = _zero_rows(noise_stddev, keep)
 
-    top_values, _ = ops.top_k(noisy_logits, k + 1, sorted=True)
+    top_values, _ = moe_ops.top_k(noisy_logits, k + 1)
     threshold_if_in = top_values[:, k : k + 1]
     threshold_if_out = top_values[:, k - 1 : k]
     is_in = ops.greater(noisy_logits, threshold_if_in)

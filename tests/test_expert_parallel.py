@@ -1,0 +1,205 @@
+"""Experts split over devices (`keras_moe.expert_parallel`), on 8 virtual CPU devices.
+
+Runs in the JAX pass (`KERAS_BACKEND=jax`; conftest makes eight host devices). Each mesh
+`data x expert` of the eight devices must: hold `E / expert` experts of every expert
+weight on each device, compute the forward pass and three training steps of one device
+(with the same token groups, so that the same assignments are dropped), and exchange
+token rows only through all-to-alls.
+"""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from keras_moe import expert_parallel, regularizers
+from keras_moe.layers import MoEDense, NoisyTopKGate
+from testing_utils import BACKEND, to_numpy
+
+pytestmark = pytest.mark.multi_backend
+
+requires_jax = pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
+
+EXPERTS, TOKENS, DIM, HIDDEN = 16, 256, 12, 20
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+
+
+def _model(token_groups=None, capacity_factor=1.0):
+    """A model that is not from the zoo: Dense, a noisy top-2 MoEDense, Dense."""
+    inputs = keras.Input((DIM,))
+    hidden = keras.layers.Dense(DIM, activation="relu", name="embed")(inputs)
+    # A seeded gate: both models draw the same noise (JAX's random numbers do not depend
+    # on how the batch is split over devices).
+    gate = NoisyTopKGate(EXPERTS, top_k=2, seed=7, name="gate")
+    moe = MoEDense(
+        DIM, num_experts=EXPERTS, top_k=2, gate=gate, expert_hidden_units=HIDDEN,
+        dispatch="capacity", capacity_factor=capacity_factor, token_groups=token_groups,
+        balance_loss=[regularizers.ImportanceLoss(0.1), regularizers.LoadLoss(0.1)],
+        name="moe",
+    )
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(moe(hidden)))
+
+
+def _initial_weights():
+    keras.utils.set_random_seed(0)
+    model = _model(token_groups=8)
+    rng = np.random.default_rng(1)
+    for w in model.weights:
+        if "gate" in w.path:  # the paper's zero init would route every token alike
+            w.assign(rng.normal(0, 0.5, w.shape).astype("float32"))
+    return model.get_weights()
+
+
+def _data():
+    rng = np.random.default_rng(2)
+    return (rng.normal(size=(3 * TOKENS, DIM)).astype("float32"),
+            rng.integers(0, 3, size=3 * TOKENS))
+
+
+def _train_three_steps(model, weights):
+    model.set_weights(weights)
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    forward = model.predict(x[:TOKENS], batch_size=TOKENS, verbose=0)
+    losses = [float(model.train_on_batch(x[i * TOKENS:(i + 1) * TOKENS],
+                                         y[i * TOKENS:(i + 1) * TOKENS]))
+              for i in range(3)]
+    moe = model.get_layer("moe")
+    return forward, losses, [to_numpy(w) for w in model.get_weights()], moe.dropped_fraction
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    weights = _initial_weights()
+    return weights, _train_three_steps(_model(token_groups=8), weights)
+
+
+@requires_jax
+@pytest.mark.parametrize("data, expert", MESHES)
+def test_mesh_holds_its_share_of_experts_and_trains_like_one_device(data, expert, one_device):
+    weights, (want_forward, want_losses, want_weights, want_dropped) = one_device
+    distribution = expert_parallel.expert_parallel(data=data, expert=expert)
+    with distribution.scope():
+        model = _model()
+        for w in model.get_layer("moe").weights:
+            shards = w.value.addressable_shards
+            assert len(shards) == 8
+            if w.path in ("moe/hidden_kernel", "moe/hidden_bias", "moe/kernel", "moe/bias"):
+                assert all(s.data.shape[0] == EXPERTS // expert for s in shards), w.path
+                assert len({str(s.index) for s in shards}) == expert  # distinct slices
+            else:
+                assert all(s.data.shape == tuple(w.shape) for s in shards), w.path
+        forward, losses, trained, dropped = _train_three_steps(model, weights)
+    np.testing.assert_allclose(forward, want_forward, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    for got, want in zip(trained, want_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert dropped == pytest.approx(want_dropped) and 0.0 < dropped < 0.5
+
+
+def _collectives(hlo_text):
+    """(op, element count of each result) of every collective in compiled HLO text."""
+    found = []
+    for line in hlo_text.splitlines():
+        match = re.search(r"= (.*?) (all-to-all|all-gather|all-reduce|reduce-scatter|"
+                          r"collective-permute)(-start)?\(", line)
+        if match:
+            sizes = [int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                     for dims in re.findall(r"\w+\[([\d,]*)\]", match.group(1))]
+            found.append((match.group(2), sizes))
+    return found
+
+
+@requires_jax
+def test_compiled_steps_exchange_token_rows_only_by_all_to_all():
+    import jax
+
+    distribution = expert_parallel.expert_parallel(data=2, expert=4)
+    with distribution.scope():
+        model = _model()
+        model.set_weights(_initial_weights())
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        x = jax.device_put(_data()[0][:TOKENS], distribution.get_data_layout((TOKENS, DIM)).backend_layout)
+
+        def forward(trainable, non_trainable, x):
+            return model.stateless_call(trainable, non_trainable, x, training=False)[0]
+
+        def loss(trainable, non_trainable, x):
+            outputs, _, losses = model.stateless_call(
+                trainable, non_trainable, x, training=True, return_losses=True
+            )
+            return keras.ops.mean(keras.ops.square(outputs)) + sum(losses)
+
+        def train_step(trainable, non_trainable, x):
+            return jax.grad(loss)(trainable, non_trainable, x)
+
+        forward_hlo = jax.jit(forward).lower(trainable, non_trainable, x).compile().as_text()
+        train_hlo = jax.jit(train_step).lower(trainable, non_trainable, x).compile().as_text()
+
+    forward_ops = _collectives(forward_hlo)
+    assert sum(op == "all-to-all" for op, _ in forward_ops) >= 2  # dispatch and combine
+    assert [op for op, _ in forward_ops if op != "all-to-all"] == []
+
+    train_ops = _collectives(train_hlo)
+    assert sum(op == "all-to-all" for op, _ in train_ops) >= 4  # and their gradients
+    assert not any(op == "all-gather" for op, _ in train_ops)
+    # All-reduces only of gradients (of the replicated weights, and of each device's
+    # expert slice over the data axis, along which it is replicated) and of the
+    # balancing losses' per-expert statistics: nothing the size of the token rows.
+    expert_weights = ("moe/hidden_kernel", "moe/hidden_bias", "moe/kernel", "moe/bias")
+    gradient_sizes = {
+        int(np.prod(w.shape)) // (4 if w.path in expert_weights else 1)
+        for w in model.trainable_weights
+    }
+    for op, sizes in train_ops:
+        if op == "all-reduce":
+            for size in sizes:
+                assert size in gradient_sizes or size <= EXPERTS, (op, sizes, gradient_sizes)
+    # The check can tell them apart: no weight has the size of a device's token rows.
+    assert TOKENS // 8 * DIM not in gradient_sizes and TOKENS * DIM not in gradient_sizes
+
+
+@requires_jax
+def test_bad_meshes_and_layers_are_refused_with_what_is_allowed():
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        expert_parallel.expert_parallel(data=4, expert=4)
+    with pytest.raises(ValueError, match="data=3 does not divide the 8 devices"):
+        expert_parallel.expert_parallel(data=3)
+    assert expert_parallel.expert_parallel(data=2).expert == 4
+    with expert_parallel.expert_parallel(data=1, expert=8).scope():
+        with pytest.raises(ValueError, match="6 experts cannot be split evenly"):
+            MoEDense(4, num_experts=6, top_k=2, dispatch="capacity").build((None, 5))
+        layer = MoEDense(4, num_experts=8, top_k=2, dispatch="sparse")
+        with pytest.raises(ValueError, match="dispatch='capacity'"):
+            layer(np.zeros((8, 5), "float32"))
+        with pytest.raises(ValueError, match="token_groups=4 must be a multiple of the 8"):
+            MoEDense(4, num_experts=8, top_k=2, dispatch="capacity", token_groups=4)(
+                np.zeros((8, 5), "float32"))
+
+
+def test_token_groups_route_each_group_on_its_own():
+    """Two groups on one device: each group's slots fill from its own tokens."""
+    x = np.random.default_rng(3).normal(size=(40, 8)).astype("float32")
+    layer = MoEDense(3, num_experts=4, top_k=1, dispatch="capacity", capacity_factor=0.4,
+                     token_groups=2)
+    layer.build(x.shape)
+    layer.gate.kernel.assign(np.zeros((8, 4), "float32"))
+    layer.gate.bias.assign([4.0, -4.0, -4.0, -4.0])  # every token to expert 0
+    y = to_numpy(layer(x))
+    # 2 slots per expert and group (ceil(0.4 * 20 / 4)): tokens 0, 1 and 20, 21 kept.
+    kept = np.flatnonzero(np.abs(y).sum(-1) > 0)
+    np.testing.assert_array_equal(kept, [0, 1, 20, 21])
+    assert layer.dropped_fraction == pytest.approx(36 / 40)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        layer(x[:39])
+    with pytest.raises(ValueError, match="token_groups"):
+        MoEDense(3, num_experts=4, top_k=1, dispatch="sparse", token_groups=2)
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="the refusal on other backends")
+def test_expert_parallel_needs_jax():
+    with pytest.raises(ValueError, match="needs the JAX backend.*expert_devices"):
+        expert_parallel.expert_parallel(data=1, expert=2)
