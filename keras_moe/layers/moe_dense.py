@@ -269,7 +269,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         if self.assignment_margin is not None:
             self.assignment_totals = self.add_weight(
                 name="assignment_totals",
-                shape=(experts,),
+                shape=(self.num_experts,),
                 initializer="zeros",
                 trainable=False,
                 dtype="float32",
