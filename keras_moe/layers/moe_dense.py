@@ -1,6 +1,7 @@
 """`MoEDense`: a dense layer made of gated experts."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_moe import expert_parallel
@@ -12,6 +13,7 @@ from keras_moe.layers.gates import NoisyTopKGate, SoftmaxGate
 from keras_moe.layers.replica_losses import ReplicaLocalLossesMixin
 
 GATES = ("softmax", "noisy_top_k")
+EXPERT_WEIGHTS = ("hidden_kernel", "hidden_bias", "kernel", "bias")
 DISPATCH_MODES = ("sparse", "capacity", "dense")
 
 
@@ -35,6 +37,53 @@ def _default_dispatch(top_k):
 
         return "capacity" if jax.default_backend() == "cpu" else "sparse"
     return "capacity"
+
+
+def _check_expert_devices(devices, num_experts):
+    if devices is None:
+        return None
+    if isinstance(devices, str) or not isinstance(devices, (list, tuple)) or not devices or not all(
+        isinstance(d, str) for d in devices
+    ):
+        raise ValueError(
+            "expert_devices must be None or a non-empty list of TensorFlow device names "
+            f"(e.g. ['/GPU:0', '/GPU:1']), got {devices!r}"
+        )
+    if num_experts % len(devices):
+        raise ValueError(
+            f"expert_devices: {len(devices)} devices must divide num_experts "
+            f"({num_experts}) so that each holds as many experts."
+        )
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "expert_devices places experts with TensorFlow's device scopes; on "
+            f"{keras.backend.backend()!r} use keras_moe.expert_parallel.expert_parallel()."
+        )
+    return tuple(devices)
+
+
+def _per_expert(initializer, num_experts):
+    """`initializer` for a stack of `num_experts` expert weights, each scaled as alone.
+
+    Keras's variance-scaling initializers (Glorot, He, LeCun) read a leading axis as a
+    receptive field and divide the variance by it: drawn on an (experts, in, out) shape,
+    every expert would start `sqrt(experts)` times smaller than the same weight of a
+    `Dense` layer. Scaling the variance back by the number of experts gives each expert
+    the fans of its own (in, out) matrix, in one draw.
+    """
+    if (
+        not isinstance(initializer, keras.initializers.VarianceScaling)
+        or num_experts == 1
+        or getattr(initializer, "input_axes", None) is not None
+        or getattr(initializer, "output_axes", None) is not None
+    ):
+        return initializer  # no fans, or fans the user chose
+    return keras.initializers.VarianceScaling(
+        scale=initializer.scale * num_experts,
+        mode=initializer.mode,
+        distribution=initializer.distribution,
+        seed=initializer.seed,
+    )
 
 
 def _add_global(variable, delta):
@@ -108,6 +157,15 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             None: one group per device under a `keras_moe.expert_parallel`
             distribution, one group otherwise. A single device with the same
             `token_groups` drops exactly what the sharded layer drops.
+        expert_devices: None, or TensorFlow device names (e.g. `["/GPU:0", "/GPU:1"]`),
+            as many as divide `num_experts`: the experts are split into that many
+            consecutive blocks, each block's weights live on its device and its
+            matmuls run there, and TensorFlow moves the token rows (the gate and the
+            routing stay on the default device). Saved files hold the stacked weights,
+            so a layer trained placed loads unplaced and back, and SavedModels carry no
+            device. TensorFlow only (on JAX use `keras_moe.expert_parallel`), and for
+            one model replica: not inside a `tf.distribute` strategy of several
+            replicas, whose replicas each hold every variable.
         balance_loss: None, a regularizer (instance, registered name or config) from
             `keras_moe.regularizers`, or a list of them; their coefficients live in
             the regularizer objects.
@@ -147,6 +205,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         dispatch=None,
         capacity_factor=1.25,
         token_groups=None,
+        expert_devices=None,
         balance_loss=None,
         assignment_margin=None,
         return_gates=False,
@@ -169,6 +228,7 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         self.use_bias = bool(use_bias)
         self.capacity_factor = validation.positive_float("capacity_factor", capacity_factor)
         self.token_groups = validation.positive_int("token_groups", token_groups, allow_none=True)
+        self.expert_devices = _check_expert_devices(expert_devices, self.num_experts)
         self.assignment_margin = validation.non_negative_float(
             "assignment_margin", assignment_margin, allow_none=True
         )
@@ -264,6 +324,17 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         self._checked_gate_outputs(
             self.gate.compute_output_spec(keras.KerasTensor((None, input_dim)))
         )
+        if self.expert_devices is not None:
+            import tensorflow as tf
+
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            if replicas > 1:
+                raise ValueError(
+                    f"MoEDense '{self.name}': expert_devices places one copy of the "
+                    f"experts over devices; under a tf.distribute strategy of {replicas} "
+                    "replicas every replica holds every variable. Build it outside the "
+                    "strategy."
+                )
         with expert_parallel.expert_weights(self.num_experts):
             self._build_experts(input_dim)
         if self.assignment_margin is not None:
@@ -306,39 +377,103 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
 
     # Experts ---------------------------------------------------------------------------
 
-    def _build_experts(self, input_dim):
-        """The stacked expert weights (leading expert axis; split over devices under
-        `keras_moe.expert_parallel`)."""
-        experts = self.num_experts
+    def _expert_weight_specs(self, input_dim):
+        """(name, shape of one expert's weight, initializer) of each stacked weight."""
+        specs = []
         width = input_dim
         if self.expert_hidden_units is not None:
-            self.hidden_kernel = self.add_weight(
-                name="hidden_kernel",
-                shape=(experts, input_dim, self.expert_hidden_units),
-                initializer=self.kernel_initializer,
-            )
-            self.hidden_bias = (
-                self.add_weight(
-                    name="hidden_bias",
-                    shape=(experts, self.expert_hidden_units),
-                    initializer=self.bias_initializer,
-                )
-                if self.use_bias
-                else None
-            )
+            specs.append(("hidden_kernel", (input_dim, self.expert_hidden_units),
+                          self.kernel_initializer))
+            if self.use_bias:
+                specs.append(("hidden_bias", (self.expert_hidden_units,), self.bias_initializer))
             width = self.expert_hidden_units
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(experts, width, self.units),
-            initializer=self.kernel_initializer,
-        )
-        self.bias = (
-            self.add_weight(
-                name="bias", shape=(experts, self.units), initializer=self.bias_initializer
+        specs.append(("kernel", (width, self.units), self.kernel_initializer))
+        if self.use_bias:
+            specs.append(("bias", (self.units,), self.bias_initializer))
+        return specs
+
+    def _build_experts(self, input_dim):
+        """The stacked expert weights (leading expert axis), in one piece, or in one
+        piece per device of `expert_devices`; split over devices under
+        `keras_moe.expert_parallel`."""
+        for name in EXPERT_WEIGHTS:
+            setattr(self, name, None)
+        specs = self._expert_weight_specs(input_dim)
+        if self.expert_devices is None:
+            for name, shape, initializer in specs:
+                setattr(self, name, self.add_weight(
+                    name=name, shape=(self.num_experts,) + shape,
+                    initializer=_per_expert(initializer, self.num_experts),
+                ))
+            self._expert_shards = [(None, {name: getattr(self, name) for name, _, _ in specs})]
+            return
+        import tensorflow as tf
+
+        per_device = self.num_experts // len(self.expert_devices)
+        self._expert_shards = [(device, {}) for device in self.expert_devices]
+        for name, shape, initializer in specs:
+            # One draw for all experts, then sliced, so that a placed layer starts from
+            # the values an unplaced one with the same seed would.
+            full = _per_expert(initializer, self.num_experts)((self.num_experts,) + shape)
+            for index, (device, weights) in enumerate(self._expert_shards):
+                piece = full[index * per_device:(index + 1) * per_device]
+                with tf.device(device):
+                    weights[name] = self.add_weight(
+                        name=f"{name}_{index}", shape=(per_device,) + shape,
+                        initializer=lambda shape, dtype=None, piece=piece: ops.cast(piece, dtype),
+                    )
+
+    def stacked_expert_weights(self):
+        """Each stacked expert weight as one (experts, ...) tensor, placed or not.
+
+        Returns:
+            Dict of name (`"hidden_kernel"`, `"hidden_bias"`, `"kernel"`, `"bias"`, those
+            present) to tensor, in that order.
+        """
+        names = [name for name in EXPERT_WEIGHTS if name in self._expert_shards[0][1]]
+        if len(self._expert_shards) == 1:
+            return {name: self._expert_shards[0][1][name] for name in names}
+        return {
+            name: ops.concatenate(
+                [ops.convert_to_tensor(weights[name]) for _, weights in self._expert_shards],
+                axis=0,
             )
-            if self.use_bias
-            else None
-        )
+            for name in names
+        }
+
+    def _bookkeeping_variables(self):
+        names = ("assignment_totals", "assignment_constraint_active", "dropped_assignments",
+                 "routed_assignments")
+        return [getattr(self, n) for n in names if getattr(self, n, None) is not None]
+
+    def save_own_variables(self, store):
+        # The stacked expert weights first, then the bookkeeping: the order Keras uses
+        # for an unplaced layer, whatever the placement, so that files stay
+        # device-agnostic (a layer trained placed loads unplaced, and back).
+        index = 0
+        for value in self.stacked_expert_weights().values():
+            store[str(index)] = ops.convert_to_numpy(value)
+            index += 1
+        for variable in self._bookkeeping_variables():
+            store[str(index)] = ops.convert_to_numpy(variable)
+            index += 1
+
+    def load_own_variables(self, store):
+        names = list(self.stacked_expert_weights())
+        bookkeeping = self._bookkeeping_variables()
+        if len(store.keys()) != len(names) + len(bookkeeping):
+            raise ValueError(
+                f"MoEDense '{self.name}' has {len(names) + len(bookkeeping)} variables "
+                f"to load ({names} and {len(bookkeeping)} counters), the file has "
+                f"{len(store.keys())}."
+            )
+        for index, name in enumerate(names):
+            value = store[str(index)]
+            pieces = len(self._expert_shards)
+            for part, (_, weights) in zip(np.split(np.asarray(value), pieces), self._expert_shards):
+                weights[name].assign(part)
+        for offset, variable in enumerate(bookkeeping):
+            variable.assign(store[str(len(names) + offset)])
 
     def _expert(self, x, hidden_kernel, hidden_bias, kernel, bias):
         """One expert on a (tokens, features) or a batched (experts, tokens, features) x."""
@@ -352,35 +487,70 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             y = y + bias
         return self.activation(y)
 
+    def _on_each_device(self, compute):
+        """`compute(weights)` for each piece of the experts, on the piece's device."""
+        if self.expert_devices is None:
+            return [compute(self._expert_shards[0][1])]
+        import tensorflow as tf
+
+        results = []
+        for device, weights in self._expert_shards:
+            with tf.device(device):
+                results.append(compute(weights))
+        return results
+
     def _batched_experts(self, expert_inputs):
-        """(experts, n, features) -> (experts, n, units), expert e on slice e."""
-        hidden_kernel = getattr(self, "hidden_kernel", None)
-        hidden_bias = getattr(self, "hidden_bias", None)
-        return self._expert(
-            expert_inputs,
-            hidden_kernel,
-            None if hidden_bias is None else hidden_bias[:, None, :],
-            self.kernel,
-            None if self.bias is None else self.bias[:, None, :],
-        )
+        """(experts or 1, n, features) -> (experts, n, units), expert e on slice e (a
+        leading 1 broadcasts the same rows to every expert)."""
+        pieces = len(self._expert_shards)
+        if expert_inputs.shape[0] == 1 or pieces == 1:
+            inputs = [expert_inputs] * pieces
+        else:
+            inputs = ops.split(expert_inputs, pieces, axis=0)
+        inputs = iter(inputs)
+
+        def compute(weights):
+            hidden_bias = weights.get("hidden_bias")
+            bias = weights.get("bias")
+            return self._expert(
+                next(inputs),
+                weights.get("hidden_kernel"),
+                None if hidden_bias is None else hidden_bias[:, None, :],
+                weights["kernel"],
+                None if bias is None else bias[:, None, :],
+            )
+
+        outputs = self._on_each_device(compute)
+        return outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=0)
 
     def _grouped_experts(self, expert_inputs, tokens_per_expert):
         """(n, features) rows sorted by expert -> (n, units), each row through its expert."""
         dtype = expert_inputs.dtype
+        pieces = len(self._expert_shards)
+        if pieces == 1:
+            rows, counts = [expert_inputs], [tokens_per_expert]
+        else:
+            import tensorflow as tf
+
+            counts = tf.split(tokens_per_expert, pieces)
+            rows = tf.split(expert_inputs, [tf.reduce_sum(c) for c in counts])
+        work = iter(zip(rows, counts))
 
         def cast(weight):
             return None if weight is None else ops.cast(weight, dtype)
 
-        layers = []
-        if self.expert_hidden_units is not None:
-            layers.append((cast(self.hidden_kernel), cast(self.hidden_bias)))
-        layers.append((cast(self.kernel), cast(self.bias)))
-        outputs = dispatch_lib.grouped_ffn(
-            expert_inputs,
-            tokens_per_expert,
-            layers,
-            hidden_activation=self.expert_hidden_activation,
-        )
+        def compute(weights):
+            piece_rows, piece_counts = next(work)
+            layers = []
+            if self.expert_hidden_units is not None:
+                layers.append((cast(weights["hidden_kernel"]), cast(weights.get("hidden_bias"))))
+            layers.append((cast(weights["kernel"]), cast(weights.get("bias"))))
+            return dispatch_lib.grouped_ffn(
+                piece_rows, piece_counts, layers, hidden_activation=self.expert_hidden_activation
+            )
+
+        outputs = self._on_each_device(compute)
+        outputs = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=0)
         return self.activation(outputs)
 
     # Eigen's assignment constraint ----------------------------------------------------
@@ -584,6 +754,9 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 "dispatch": self.dispatch,
                 "capacity_factor": self.capacity_factor,
                 "token_groups": self.token_groups,
+                "expert_devices": None if self.expert_devices is None else list(
+                    self.expert_devices
+                ),
                 "balance_loss": [regularizers.serialize(r) for r in self.balance_loss],
                 "assignment_margin": self.assignment_margin,
                 "return_gates": self.return_gates,

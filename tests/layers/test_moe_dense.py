@@ -535,3 +535,138 @@ def test_bookkeeping_variables_count_the_global_batch_under_mirrored_strategy(
     assert 0.0 < top_k.dropped_fraction < 1.0
     totals = to_numpy(soft.assignment_totals)  # every example's gates sum to 1
     np.testing.assert_allclose(totals.sum(), 2 * 128, rtol=1e-5)
+
+
+def test_each_expert_starts_scaled_like_a_dense_layer_of_its_own():
+    """Glorot over (experts, in, out) would shrink every expert by sqrt(experts)."""
+    layer = MoEDense(40, num_experts=64, top_k=2, expert_hidden_units=24)
+    layer.build((None, 16))
+    for kernel, fan_in, fan_out in ((layer.hidden_kernel, 16, 24), (layer.kernel, 24, 40)):
+        limit = np.sqrt(6.0 / (fan_in + fan_out))  # keras.layers.Dense's Glorot uniform
+        values = to_numpy(kernel)
+        assert np.abs(values).max() <= limit + 1e-6
+        np.testing.assert_allclose(values.std(), limit / np.sqrt(3.0), rtol=0.05)
+
+
+# Experts placed on TensorFlow devices ------------------------------------------------
+
+
+def _placed_pair(dispatch, devices, **kwargs):
+    """A placed layer and an unplaced one with the same weights."""
+    kwargs = dict(units=6, num_experts=4, top_k=2, expert_hidden_units=5, dispatch=dispatch,
+                  capacity_factor=4.0, **kwargs)
+    placed = MoEDense(expert_devices=devices, **kwargs)
+    placed.build((None, 7))
+    plain = MoEDense(**kwargs)
+    plain.build((None, 7))
+    rng = np.random.default_rng(17)
+    for w, twin in zip(plain.gate.weights, placed.gate.weights):
+        value = rng.normal(0, 0.5, w.shape).astype("float32")
+        w.assign(value)
+        twin.assign(value)
+    plain.kernel.assign(np.concatenate([to_numpy(w) for w in placed.trainable_weights
+                                        if w.path.split("/")[-1].startswith("kernel_")]))
+    for name in ("hidden_kernel", "hidden_bias", "bias"):
+        getattr(plain, name).assign(to_numpy(placed.stacked_expert_weights()[name]))
+    return placed, plain
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("dispatch", ["sparse", "capacity", "dense"])
+def test_experts_placed_on_devices_compute_what_the_unplaced_layer_does(dispatch):
+    from conftest import LOGICAL_CPUS
+
+    devices = LOGICAL_CPUS[:2]
+    placed, plain = _placed_pair(dispatch, devices)
+    for index, device in enumerate(devices):
+        pieces = [w for w in placed.trainable_weights if w.path.endswith(f"_{index}")]
+        assert len(pieces) == 4 and all(w.shape[0] == 2 for w in pieces)
+        assert all(device.split("/")[-1] in w.value.device for w in pieces), device
+    x = np.random.default_rng(18).normal(size=(30, 7)).astype("float32")
+    got_y, got_grads = _outputs_and_gradients(placed, x)
+    want_y, want_grads = _outputs_and_gradients(plain, x)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_grads[0], want_grads[0], rtol=1e-5, atol=1e-6)  # inputs
+    # Weight gradients: each device's pieces, stacked, equal the unplaced stacked ones.
+    names = [w.path.split("/")[-1] for w in placed.trainable_weights]
+    for name in ("hidden_kernel", "hidden_bias", "kernel", "bias"):
+        pieces = [g for g, n in zip(got_grads[1:], names) if n in (f"{name}_0", f"{name}_1")]
+        want = want_grads[1:][[w.path.split("/")[-1] for w in plain.trainable_weights].index(name)]
+        np.testing.assert_allclose(np.concatenate(pieces), want, rtol=1e-5, atol=1e-6)
+
+
+@requires_tensorflow
+def test_placed_experts_train_save_and_load_unplaced_and_back(tmp_path):
+    from conftest import LOGICAL_CPUS
+
+    def model(devices):
+        inputs = keras.Input((7,))
+        layer = MoEDense(6, num_experts=4, top_k=2, expert_hidden_units=5,
+                         gate="noisy_top_k", expert_devices=devices,
+                         balance_loss=["importance", "load"], name="moe")
+        return keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
+
+    rng = np.random.default_rng(19)
+    x = rng.normal(size=(64, 7)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    placed = model(LOGICAL_CPUS[:2])
+    placed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = to_numpy(placed.get_layer("moe").stacked_expert_weights()["kernel"])
+    placed.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    after = to_numpy(placed.get_layer("moe").stacked_expert_weights()["kernel"])
+    assert not np.allclose(before, after)
+    want = placed.predict(x, verbose=0)
+
+    path = str(tmp_path / "placed.keras")
+    placed.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    assert reloaded.get_layer("moe").expert_devices == tuple(LOGICAL_CPUS[:2])
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+    plain = model(None)
+    plain.load_weights(path)  # trained placed, loaded unplaced
+    np.testing.assert_allclose(plain.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+    plain_path = str(tmp_path / "plain.keras")
+    plain.save(plain_path)
+    placed_again = model(LOGICAL_CPUS[:2])
+    placed_again.load_weights(plain_path)  # and back
+    np.testing.assert_allclose(placed_again.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+
+    export = str(tmp_path / "saved_model")
+    placed.export(export)
+    import subprocess
+    import sys
+
+    # A fresh process with one CPU device: the SavedModel names no device of its own.
+    np.save(str(tmp_path / "x.npy"), x)
+    code = (
+        "import numpy as np, tensorflow as tf;"
+        f"m = tf.saved_model.load({export!r});"
+        f"y = m.serve(np.load({str(tmp_path / 'x.npy')!r})).numpy();"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y);"
+        "print(len(tf.config.list_logical_devices('CPU')))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "1"
+    np.testing.assert_allclose(np.load(str(tmp_path / "y.npy")), want, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_devices_are_checked():
+    with pytest.raises(ValueError, match="must divide num_experts"):
+        MoEDense(4, num_experts=3, expert_devices=["/CPU:0", "/CPU:1"])
+    with pytest.raises(ValueError, match="list of TensorFlow device names"):
+        MoEDense(4, num_experts=4, expert_devices="/CPU:0")
+    if BACKEND != "tensorflow":
+        with pytest.raises(ValueError, match="expert_parallel"):
+            MoEDense(4, num_experts=4, expert_devices=["cpu:0", "cpu:1"])
+
+
+@requires_tensorflow
+def test_expert_devices_refused_inside_a_strategy_of_several_replicas(mirrored_strategy):
+    from conftest import LOGICAL_CPUS
+
+    with mirrored_strategy.scope():
+        layer = MoEDense(4, num_experts=4, top_k=2, expert_devices=LOGICAL_CPUS[:2])
+        with pytest.raises(ValueError, match="Build it outside the strategy"):
+            layer.build((None, 5))
