@@ -39,16 +39,20 @@ def top_k(x, k):
         indices = jnp.argsort(-x, axis=-1, stable=True)[..., :k].astype("int32")
         return jnp.take_along_axis(x, indices, axis=-1), indices
     columns = jnp.arange(x.shape[-1])
-    taken = jnp.zeros(x.shape, bool)
+    taken = None
     values, indices = [], []
     for _ in range(k):
-        candidates = jnp.where(taken, -jnp.inf, x)
-        index = jnp.argmax(candidates, axis=-1)
-        # Where only -inf is left, argmax may point at a taken entry: take the first
-        # entry not taken yet instead.
-        exhausted = jnp.isneginf(jnp.max(candidates, axis=-1))
-        index = jnp.where(exhausted, jnp.argmax(~taken, axis=-1), index)
+        if taken is None:
+            index = jnp.argmax(x, axis=-1)
+        else:
+            candidates = jnp.where(taken, -jnp.inf, x)
+            index = jnp.argmax(candidates, axis=-1)
+            # Where only -inf is left, argmax may point at a taken entry: take the first
+            # entry not taken yet instead.
+            exhausted = jnp.isneginf(jnp.max(candidates, axis=-1))
+            index = jnp.where(exhausted, jnp.argmax(~taken, axis=-1), index)
         values.append(jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0])
         indices.append(index.astype("int32"))
-        taken = taken | (columns == index[..., None])
+        chosen = columns == index[..., None]
+        taken = chosen if taken is None else taken | chosen
     return jnp.stack(values, axis=-1), jax.lax.stop_gradient(jnp.stack(indices, axis=-1))
