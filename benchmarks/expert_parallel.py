@@ -69,21 +69,32 @@ def build_step(devices, experts, args):
     )
     tokens = args.tokens_per_device * devices
     with distribution.scope():
-        inputs = keras.Input((args.dim,))
-        layer = MoEDense(
-            args.dim, num_experts=experts, top_k=2, gate="noisy_top_k",
-            expert_hidden_units=args.hidden, dispatch="capacity", capacity_factor=1.25,
-            balance_loss=["importance", "load"], name="moe",
-        )
-        model = keras.Model(inputs, layer(inputs))
+        if args.model == "classifier":
+            from keras_moe import zoo
+
+            model = zoo.sparse_moe_classifier(
+                num_experts=experts, units=args.dim, expert_hidden_units=args.hidden,
+                dispatch="capacity", dropout=0.0,
+            )
+            layer = next(l for l in model.layers if isinstance(l, MoEDense))
+            shape = (tokens,) + tuple(model.input_shape[1:])
+        else:
+            inputs = keras.Input((args.dim,))
+            layer = MoEDense(
+                args.dim, num_experts=experts, top_k=2, gate="noisy_top_k",
+                expert_hidden_units=args.hidden, dispatch="capacity", capacity_factor=1.25,
+                balance_loss=["importance", "load"], name="moe",
+            )
+            model = keras.Model(inputs, layer(inputs))
+            shape = (tokens, args.dim)
         layer.gate.kernel.assign(
             np.random.default_rng(0).normal(0, 0.1, layer.gate.kernel.shape).astype("float32")
         )
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
         x = jax.device_put(
-            np.random.default_rng(1).normal(size=(tokens, args.dim)).astype("float32"),
-            distribution.get_data_layout((tokens, args.dim)).backend_layout,
+            np.random.default_rng(1).normal(size=shape).astype("float32"),
+            distribution.get_data_layout(shape).backend_layout,
         )
 
         def loss(trainable, non_trainable, x):
@@ -99,8 +110,7 @@ def build_step(devices, experts, args):
         compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, non_trainable, x).compile()
     expert_bytes = sum(
         w.value.addressable_shards[0].data.nbytes
-        for w in layer.weights
-        if w.path in ("moe/hidden_kernel", "moe/hidden_bias", "moe/kernel", "moe/bias")
+        for w in layer.stacked_expert_weights().values()
     )
     return compiled, (trainable, non_trainable, x), expert_bytes, model.count_params()
 
@@ -136,6 +146,9 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--model", choices=["layer", "classifier"], default="layer",
+                        help="a bare MoEDense on d-wide tokens, or the zoo's "
+                        "sparse_moe_classifier on 28x28 images (units = --dim)")
     parser.add_argument("--budget-mib", type=float, default=64.0,
                         help="per-device memory budget for the weak-scaling column")
     args = parser.parse_args(argv)
@@ -172,14 +185,16 @@ def main(argv=None):
         row["step_ms"] = times[row["devices"]] * 1e3
         row["most_experts"] = most_experts_within(row["devices"], budget, args)
 
-    print(f"top-2 MoEDense, d {args.dim}, expert hidden {args.hidden}, "
-          f"{args.experts_per_device} experts and {args.tokens_per_device} tokens per device, "
+    what = ("sparse_moe_classifier (28x28x1 inputs), its top-2 MoEDense"
+            if args.model == "classifier" else "top-2 MoEDense")
+    print(f"{what}, d {args.dim}, expert hidden {args.hidden}, "
+          f"{args.experts_per_device} experts and {args.tokens_per_device} tokens (examples) per device, "
           f"capacity factor 1.25, training step with SGD (median of {args.reps}; "
           f"JAX {jax.__version__} on {jax.default_backend()}, {available} devices, "
           f"{os.cpu_count()} CPUs)")
     print()
     print("| devices | experts | parameters | expert MiB / device | memory MiB / device "
-          "| collective MiB / step | GFLOP / token / device | step ms "
+          "| collective MiB / step | GFLOP / example / device | step ms "
           f"| most experts in {args.budget_mib:g} MiB / device |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
