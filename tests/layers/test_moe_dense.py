@@ -258,16 +258,19 @@ def test_assignment_margin_prevents_collapse_in_model_fit():
         layer.gate.bias.assign([2.0, 0.0, 0.0, 0.0])
         model.compile(keras.optimizers.SGD(0.5),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        gate_model = keras.Model(inputs, gates)
+        start = gate_model.predict(x, verbose=0).mean(0).max()
         model.fit(x, y, batch_size=32, epochs=6, verbose=0)
         if margin is None:
-            g = keras.Model(inputs, gates).predict(x, verbose=0)
-            shares[margin] = g.mean(0).max()
+            shares[margin] = gate_model.predict(x, verbose=0).mean(0).max()
+            shares["start"] = start
         else:
             totals = to_numpy(layer.assignment_totals)
             shares[margin] = totals.max() / totals.sum()
             assert (totals - totals.mean()).max() <= margin + 0.75 + 1e-3
-    # Starts at e^2 / (e^2 + 3) = 0.71 for expert 0 and grows (0.84 on JAX, > 0.9 on TF).
-    assert shares[None] > 0.8
+    # Expert 0 starts near e^2 / (e^2 + 3) = 0.71 and, free, takes more (0.78 to 0.95
+    # seen over backends and initial weights); constrained, every expert keeps a share.
+    assert shares[None] > max(shares["start"] + 0.04, 0.75), shares
     assert shares[2.0] < 0.3
 
 
