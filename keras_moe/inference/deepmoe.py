@@ -87,6 +87,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_moe.analysis import graph
 from keras_moe.layers.gated_conv import GatedConv2D, ShallowEmbedding
 from keras_moe.layers.gates import ReLUGate
 
@@ -156,15 +157,15 @@ def _is_convolution(op):
 
 
 def _single_tensor_input(node):
-    tensors = node.input_tensors
+    tensors = graph.call_inputs(node)
     return tensors[0] if len(tensors) == 1 else None
 
 
 def _gated_conv_inputs(node):
-    args = node.arguments.args
+    args, _ = graph.call_arguments(node)
     if len(args) != 1 or not isinstance(args[0], (list, tuple)) or len(args[0]) != 2:
         raise ValueError(
-            f"GatedConv2D '{node.operation.name}' must be called as layer([x, gates])"
+            f"GatedConv2D '{graph.operation(node).name}' must be called as layer([x, gates])"
         )
     return args[0][0], args[0][1]
 
@@ -173,7 +174,7 @@ class _Conv:
     """A convolution node with its weights snapshotted (a batch norm folded in)."""
 
     def __init__(self, node, norm=None):
-        op = node.operation
+        op = graph.operation(node)
         self.node = node
         self.gated = isinstance(op, GatedConv2D)
         kernel = _numpy(op.kernel)
@@ -296,15 +297,15 @@ class _GateGroup:
 
     def __init__(self, nodes):
         self.nodes = nodes
-        kernels = [_numpy(n.operation.kernel) for n in nodes]
+        kernels = [_numpy(graph.operation(n).kernel) for n in nodes]
         biases = [
-            _numpy(n.operation.bias) if n.operation.use_bias else np.zeros(k.shape[1])
+            _numpy(graph.operation(n).bias) if graph.operation(n).use_bias else np.zeros(k.shape[1])
             for n, k in zip(nodes, kernels)
         ]
         self.sizes = [k.shape[1] for k in kernels]
         self.kernel = np.concatenate(kernels, axis=1).astype("float32")
         self.bias = np.concatenate(biases).astype("float32")
-        self.use_bias = any(n.operation.use_bias for n in nodes)
+        self.use_bias = any(graph.operation(n).use_bias for n in nodes)
         self.segments = np.repeat(np.arange(len(nodes)), self.sizes).astype("int32")
         self.local = np.concatenate([np.arange(n) for n in self.sizes]).astype("int32")
         self.first = self.local == 0
@@ -338,9 +339,9 @@ class _GateGroup:
         for node, logit, gate, mask, idx, open_gate, column in pieces:
             out = {"gates": gate, "logits": logit, "dispatch_mask": mask}
             keys = keras.tree.flatten({key: key for key in out})  # ReLUGate's output order
-            for tensor, key in zip(node.outputs, keys):
+            for tensor, key in zip(graph.call_outputs(node), keys):
                 values[id(tensor)] = out[key]
-            gate_t = node.outputs[keys.index("gates")]
+            gate_t = graph.call_outputs(node)[keys.index("gates")]
             open_sets[id(gate_t)] = (idx, open_gate)
             column_sets[id(gate_t)] = column
 
@@ -387,10 +388,9 @@ class SkipChannelRunner:
 
     def __init__(self, model, skip_stream_inputs=True):
         network = getattr(model, "network", model)
-        nodes_by_depth = getattr(network, "_nodes_by_depth", None)
         if (
             not isinstance(network, keras.Model)
-            or nodes_by_depth is None
+            or not graph.has_graph(network)
             or len(network.inputs) != 1
         ):
             raise ValueError(
@@ -405,7 +405,7 @@ class SkipChannelRunner:
         self.network = network
         self.skip_stream_inputs = bool(skip_stream_inputs)
         self._input = network.inputs[0]
-        self._plan(nodes_by_depth)
+        self._plan(graph.call_nodes(network))
         spec = tf.TensorSpec((None,) + tuple(self._input.shape[1:]), self._input.dtype)
         # Two traces, each once for every batch size and open set: the logits alone (the
         # serving call: one output tensor per call) and all of the network's outputs.
@@ -419,19 +419,10 @@ class SkipChannelRunner:
 
     # Planning (once, on the symbolic graph) ----------------------------------------------
 
-    def _plan(self, nodes_by_depth):
-        nodes = []
-        for depth in sorted(nodes_by_depth, reverse=True):
-            nodes.extend(n for n in nodes_by_depth[depth] if n.operation and not n.is_input)
-        producer = {}
-        consumers = {}
-        for node in nodes:
-            for tensor in node.outputs:
-                producer[id(tensor)] = node
-            for tensor in node.input_tensors:
-                consumers.setdefault(id(tensor), []).append(node)
-        for tensor in keras.tree.flatten(self.network.output):
-            consumers.setdefault(id(tensor), []).append(None)  # a model output
+    def _plan(self, nodes):
+        producer = graph.producers(nodes)
+        consumers = {key: [node for node, _ in uses] for key, uses in
+                     graph.consumers(nodes, self.network.output).items()}
 
         def only_consumer(tensor):
             users = consumers.get(id(tensor), [])
@@ -443,24 +434,24 @@ class SkipChannelRunner:
                 node = producer.get(id(stack.pop()))
                 if node is not None and id(node) not in seen:
                     seen.add(id(node))
-                    stack.extend(node.input_tensors)
+                    stack.extend(graph.call_inputs(node))
             return seen
 
         # 1. Convolutions, with the batch norm that alone reads a linear one folded in.
         convs = {}
         aliases = {}  # id(folded norm node) -> its convolution
         for node in nodes:
-            op = node.operation
-            if not _is_convolution(op) or len(node.outputs) != 1:
+            op = graph.operation(node)
+            if not _is_convolution(op) or len(graph.call_outputs(node)) != 1:
                 continue
-            norm_node = only_consumer(node.outputs[0])
+            norm_node = only_consumer(graph.call_outputs(node)[0])
             norm = None
             if (
                 norm_node is not None
-                and _is_foldable_norm(norm_node.operation)
+                and _is_foldable_norm(graph.operation(norm_node))
                 and (isinstance(op, GatedConv2D) or op.activation is keras.activations.linear)
             ):
-                norm = norm_node.operation
+                norm = graph.operation(norm_node)
             convs[id(node)] = _Conv(node, norm)
             if norm is not None:
                 aliases[id(norm_node)] = convs[id(node)]
@@ -469,7 +460,7 @@ class SkipChannelRunner:
         #    -> one gated convolution, each tensor read only by the next.
         gate_tensors = []
         for node in nodes:
-            if not isinstance(node.operation, GatedConv2D):
+            if not isinstance(graph.operation(node), GatedConv2D):
                 continue
             x_t, gate_t = _gated_conv_inputs(node)
             convs[id(node)].in_gate = gate_t
@@ -477,7 +468,7 @@ class SkipChannelRunner:
             chain, tensor, source_conv = [], x_t, None
             while True:
                 source = producer.get(id(tensor))
-                if only_consumer(tensor) is None or source is None or len(source.outputs) != 1:
+                if only_consumer(tensor) is None or source is None or len(graph.call_outputs(source)) != 1:
                     break
                 chain.append(tensor)
                 if id(source) in convs:
@@ -489,7 +480,7 @@ class SkipChannelRunner:
                         break
                     source_conv = aliases[id(source)]
                     break
-                if not _is_parameter_free_channelwise(source.operation):
+                if not _is_parameter_free_channelwise(graph.operation(source)):
                     break
                 tensor = _single_tensor_input(source)
                 if tensor is None:
@@ -502,7 +493,7 @@ class SkipChannelRunner:
         # 3. ReLUGate heads grouped by the tensor they read: one matrix product per group.
         groups = {}
         for node in nodes:
-            if type(node.operation) is ReLUGate and _single_tensor_input(node) is not None:
+            if type(graph.operation(node)) is ReLUGate and _single_tensor_input(node) is not None:
                 groups.setdefault(id(_single_tensor_input(node)), []).append(node)
         self._groups = {}
         for members in groups.values():
@@ -523,14 +514,14 @@ class SkipChannelRunner:
         # 4. Other layers with weights snapshotted as constants (fewer ops per call).
         self._snapshots = {}
         for node in nodes:
-            op = node.operation
+            op = graph.operation(node)
             if _Embedding.supports(op) and _single_tensor_input(node) is not None:
                 self._snapshots[id(node)] = _Embedding(op)
             elif _is_snapshot_dense(op) and _single_tensor_input(node) is not None:
                 self._snapshots[id(node)] = _Dense(op)
-        self.reduced_layers = [c.node.operation.name for c in convs.values()
+        self.reduced_layers = [graph.operation(c.node).name for c in convs.values()
                                if c.out_gate is not None]
-        self.folded_norms = [n.operation.name for n in nodes if id(n) in aliases]
+        self.folded_norms = [graph.operation(n).name for n in nodes if id(n) in aliases]
 
     # Execution ------------------------------------------------------------------------------
 
@@ -575,14 +566,14 @@ class SkipChannelRunner:
                 out_idx = None if conv.out_gate is None else open_set(conv.out_gate)[0]
                 weights[id(conv.node)] = conv.weights(in_idx, out_idx)
                 if shapes is not None:
-                    shapes[conv.node.operation.name] = tuple(
+                    shapes[graph.operation(conv.node).name] = tuple(
                         int(d) for d in weights[id(conv.node)][0].shape
                     )
             return weights[id(conv.node)]
 
         for node in self._nodes:
-            op = node.operation
-            out_t = node.outputs[0] if len(node.outputs) == 1 else None
+            outputs = graph.call_outputs(node)
+            out_t = outputs[0] if len(outputs) == 1 else None
             if id(node) in self._groups:
                 group = self._groups[id(node)]
                 if group is not None:
@@ -619,16 +610,13 @@ class SkipChannelRunner:
                 result = self._snapshots[id(node)](values[id(_single_tensor_input(node))])
                 if isinstance(result, dict):
                     keys = keras.tree.flatten({key: key for key in result})
-                    for tensor, key in zip(node.outputs, keys):
+                    for tensor, key in zip(graph.call_outputs(node), keys):
                         values[id(tensor)] = result[key]
                 else:
                     values[id(out_t)] = result
             else:
-                args, kwargs = node.arguments.fill_in(values)
-                if isinstance(op, keras.layers.Layer):
-                    kwargs = dict(kwargs, training=False)
-                results = keras.tree.flatten(op(*args, **kwargs))
-                for tensor, value in zip(node.outputs, results):
+                results = graph.run_node(node, values, training=False)
+                for tensor, value in zip(graph.call_outputs(node), results):
                     values[id(tensor)] = value
         return keras.tree.map_structure(lambda t: values[id(t)], self.network.output)
 
