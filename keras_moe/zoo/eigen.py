@@ -31,17 +31,23 @@ Choices where the paper is silent (each is a keyword):
   worth of gate mass ahead of the mean total, less than one batch of 128, so assignments
   stay balanced from the first steps while the gates stay free to specialise within
   that slack. Set `assignment_margin=None` for no constraint. Lift it for the paper's
-  fine-tuning phase with `keras_moe.training.phases`.
+  fine-tuning phase (a recipe phase's `assignment_constraint = false`, or
+  `keras_moe.training.eigen`).
 - Every MoE layer returns its gates as a second output tensor (`return_gates=True`) so
   `keras_moe.analysis.gating.gating_model(model)` can read them; the model's only output
   is the class scores.
+
+The family (`EIGEN`): recipe phases may switch the running-assignment constraint
+(`assignment_constraint`; switching it on at a phase's start zeroes the running
+totals), and `keras-moe tune` searches the experts per layer and the margin.
 """
 
 import keras
 
+from keras_moe import compat
 from keras_moe import validation
 from keras_moe.layers import MoEDense
-from keras_moe.zoo.registry import register_model
+from keras_moe.zoo.registry import ModelFamily, PhaseSetting, register_family, register_model
 
 DEFAULT_ASSIGNMENT_MARGIN = 100.0
 SECOND_LAYERS = ("mixture", "single", "concat")
@@ -68,6 +74,84 @@ PAPER_TABLE1 = {
     "4x100 (one layer)": {"single": (2.86, 2.99), "mixture": (1.72, 1.78),
                           "concat": (1.69, 1.59)},
 }
+
+
+# The running-assignment constraint of a model's MoE layers -------------------------------
+
+
+def constrained_moe_layers(model):
+    """Every `MoEDense` in `model` (nested models included) with an assignment margin.
+
+    Args:
+        model: A Keras model or layer.
+
+    Returns:
+        A list of `MoEDense` layers with `assignment_margin` set, in the model's order.
+    """
+    layers, seen = [], set()
+    for layer in compat.flatten_layers(model, include_self=True, recursive=True):
+        if isinstance(layer, MoEDense) and layer.assignment_margin is not None:
+            if id(layer) not in seen:
+                seen.add(id(layer))
+                layers.append(layer)
+    return layers
+
+
+def require_constrained_layers(model):
+    """`constrained_moe_layers(model)`, refusing a model without any (or unbuilt ones)."""
+    layers = constrained_moe_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{getattr(model, 'name', model)!r} has no MoEDense layer with "
+            "`assignment_margin` set; Eigen's constrained training needs at least one "
+            "(e.g. keras_moe.zoo.dmoe_mnist())."
+        )
+    unbuilt = [layer.name for layer in layers if not layer.built]
+    if unbuilt:
+        raise ValueError(
+            f"MoEDense layers {unbuilt} are not built yet; call the model on data (or "
+            "build it) before switching the assignment constraint."
+        )
+    return layers
+
+
+def set_assignment_constraints(model, active):
+    """Switches the running-assignment constraint of every constrained `MoEDense` on/off.
+
+    Returns:
+        The layers switched.
+    """
+    layers = require_constrained_layers(model)
+    for layer in layers:
+        layer.set_assignment_constraint(bool(active))
+    return layers
+
+
+def reset_assignment_totals(model):
+    """Zeroes the running assignment totals of every constrained `MoEDense`.
+
+    Returns:
+        The layers reset.
+    """
+    layers = require_constrained_layers(model)
+    for layer in layers:
+        layer.reset_assignment_totals()
+    return layers
+
+
+def _assignment_constraint(model, value, context):
+    if value and context.starting:
+        reset_assignment_totals(model)  # the running totals start from zero (our choice)
+    set_assignment_constraints(model, value)
+    return False
+
+
+EIGEN = register_family(ModelFamily(
+    name="eigen",
+    description="Eigen et al. 2013: deep mixture of experts with the assignment constraint",
+    search_space=(("experts", "experts_per_layer"), ("assignment_margin", "decade")),
+    phase_settings={"assignment_constraint": PhaseSetting(apply=_assignment_constraint)},
+))
 
 
 # Argument checks ---------------------------------------------------------------------------
@@ -242,7 +326,7 @@ def _deep_moe(input_shape, num_classes, experts, units, gate_hidden_units, secon
     return keras.Model(inputs, outputs, name=name)
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist(
     *,
     input_shape=(36, 36, 1),
@@ -299,7 +383,7 @@ def dmoe_mnist(
                      name=f"dmoe_mnist_{second_layer}")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist_single_expert(
     *,
     input_shape=(36, 36, 1),
@@ -343,7 +427,7 @@ def dmoe_mnist_single_expert(
                      name="dmoe_mnist_single_expert")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist_concat(
     *,
     input_shape=(36, 36, 1),
@@ -387,7 +471,7 @@ def dmoe_mnist_concat(
                      name="dmoe_mnist_concat")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist_dnn(
     *,
     input_shape=(36, 36, 1),
@@ -441,7 +525,7 @@ def dmoe_mnist_dnn(
     return keras.Model(inputs, outputs, name="dmoe_mnist_dnn")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist_one_layer(
     *,
     input_shape=(36, 36, 1),
@@ -501,7 +585,7 @@ def dmoe_mnist_one_layer(
     return keras.Model(inputs, outputs, name=f"dmoe_one_layer_{layer}")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_monophone(
     *,
     input_shape=(440,),
