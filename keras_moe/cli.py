@@ -9,11 +9,12 @@
     keras-moe bench [MODEL_OR_RECIPE] [...]     training throughput and batch-1 latency
     keras-moe info                              versions, devices, where the data is
 
-`train` takes a recipe (a TOML file, or the name of one in the zoo folder; see
-`keras_moe.recipes`) or a zoo model name (then a one-phase recipe on the embedded
-Fashion-MNIST, with DeepMoE's two phases for DeepMoE models). Errors in what the user
-gave (unknown names, recipe keys, strategies, occupied run directories, missing data)
-end with exit status 2 and one message that says what is wrong and what is allowed.
+`train` takes a recipe (a TOML file, or the name of one in the zoo; see
+`keras_moe.recipes`) or a zoo model name (then the model's family's default phases on
+the embedded Fashion-MNIST: DeepMoE's two phases for DeepMoE models). Errors in what the
+user gave (unknown names, recipe keys, strategies, occupied run directories, missing
+data, flags that contradict a resumed run) end with exit status 2 and one message that
+says what is wrong and what is allowed.
 """
 
 import argparse
@@ -21,6 +22,8 @@ import os
 import sys
 
 DEFAULT_RECIPE = "sparse_moe_fashion_mnist"
+DEFAULT_SEED = 0
+DEFAULT_CLASSIFY = 8
 
 
 class UsageError(Exception):
@@ -30,7 +33,7 @@ class UsageError(Exception):
 def _user_errors():
     from keras_moe.data import DataNotFoundError
     from keras_moe.recipes import RecipeError
-    from keras_moe.training.runner import RunDirectoryError
+    from keras_moe.training.run_dir import RunDirectoryError
 
     return (UsageError, RecipeError, RunDirectoryError, DataNotFoundError)
 
@@ -80,14 +83,18 @@ def _list(args):
 
 # recipes from the command line ---------------------------------------------------------
 
+_RECIPE_FLAGS = (("dataset", "data.dataset"), ("batch_size", "data.batch_size"),
+                 ("train_size", "data.train_size"), ("test_size", "data.test_size"),
+                 ("learning_rate", "optimizer.learning_rate"))
+
 
 def recipe_for_model(name, epochs=None):
     """A recipe for a bare zoo model: its builder's defaults on the embedded Fashion-MNIST.
 
-    One phase of `epochs` (default 5) with Adam 1e-3 and batch 128; DeepMoE models get
-    Procedure 1 (a joint phase of `epochs`, then `max(1, epochs // 3)` fine-tuning epochs
-    with frozen gating and lambda = mu = 0). Builders whose default input has 3 channels
-    get the images zero-padded to 32x32 and tiled to 3 channels.
+    Its family's default phases (`keras_moe.zoo.ModelFamily.phases_for`; DeepMoE:
+    Procedure 1) over `epochs` (default 5), Adam 1e-3 and batch 128. Builders whose
+    default input has 3 channels get the images zero-padded to 32x32 and tiled to 3
+    channels.
     """
     import inspect
 
@@ -101,15 +108,37 @@ def recipe_for_model(name, epochs=None):
         shape = tuple(default_shape.default)
         if len(shape) == 3 and shape[-1] == 3:
             data.update(pad_to=32, channels=3)
-    if name.startswith("deepmoe_"):
-        phases = [{"name": "joint", "epochs": epochs},
-                  {"name": "finetune", "epochs": max(1, epochs // 3), "freeze_gating": True,
-                   "gate_l1": 0.0, "embedding_loss_weight": 0.0}]
-    else:
-        phases = [{"name": "train", "epochs": epochs}]
     table = {"recipe": {"name": name, "description": f"{name} with its builder's defaults"},
-             "model": {"name": name}, "data": data, "phases": phases}
+             "model": {"name": name}, "data": data,
+             "phases": zoo.get_family(name).phases_for(epochs)}
     return recipes.Recipe.from_dict(table, source=f"zoo model {name}")
+
+
+def _flag_assignments(args):
+    """`[(flag, assignment)]` of the recipe flags given on the command line."""
+    found = []
+    for flag, key in _RECIPE_FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            found.append((flag, f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"))
+    found.extend(("set", assignment) for assignment in (getattr(args, "set", None) or []))
+    return found
+
+
+def _flag_name(flag, assignment):
+    return f"--set {assignment}" if flag == "set" else f"--{flag.replace('_', '-')} " + (
+        assignment.partition("=")[2])
+
+
+def _with_epochs(recipe, epochs):
+    if epochs is None:
+        return recipe
+    if len(recipe.phases) != 1:
+        spans = ", ".join(f"{p.name} {p.epochs}" for p in recipe.phases)
+        raise UsageError(
+            f"--epochs: recipe {recipe.name!r} has {len(recipe.phases)} phases ({spans}); "
+            "set each with --set phases.N.epochs=E (N counts from 0)")
+    return recipe.override([f"phases.0.epochs={epochs}"])
 
 
 def resolve_recipe(target, args):
@@ -117,6 +146,7 @@ def resolve_recipe(target, args):
     command line's overrides applied."""
     from keras_moe import recipes, zoo
 
+    target = DEFAULT_RECIPE if target is None else target
     is_file = str(target).endswith(".toml") or os.sep in str(target)
     if not is_file and target in zoo.list_models() and target not in recipes.list_recipes():
         recipe = recipe_for_model(target, getattr(args, "epochs", None))
@@ -134,21 +164,8 @@ def resolve_recipe(target, args):
             raise UsageError(
                 f"{target!r} is neither a zoo model nor a recipe.{hint} See `keras-moe list "
                 f"--recipes`.") from error
-        if getattr(args, "epochs", None) is not None:
-            if len(recipe.phases) != 1:
-                spans = ", ".join(f"{p.name} {p.epochs}" for p in recipe.phases)
-                raise UsageError(
-                    f"--epochs: recipe {recipe.name!r} has {len(recipe.phases)} phases "
-                    f"({spans}); set each with --set phases.N.epochs=E")
-            recipe = recipe.override([f"phases.0.epochs={args.epochs}"])
-    overrides = []
-    for flag, key in (("dataset", "data.dataset"), ("batch_size", "data.batch_size"),
-                      ("train_size", "data.train_size"), ("test_size", "data.test_size"),
-                      ("learning_rate", "optimizer.learning_rate")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
-    overrides.extend(getattr(args, "set", None) or [])
+        recipe = _with_epochs(recipe, getattr(args, "epochs", None))
+    overrides = [assignment for _, assignment in _flag_assignments(args)]
     return recipe.override(overrides) if overrides else recipe
 
 
@@ -164,10 +181,12 @@ def _strategy(name):
         raise UsageError(f"--strategy {name}: {error}") from error
 
 
-def _add_recipe_flags(parser, epochs=True):
-    parser.add_argument("target", nargs="?", default=DEFAULT_RECIPE,
-                        help=f"zoo model, recipe name or recipe file (default {DEFAULT_RECIPE})")
-    parser.add_argument("--dataset", help="data set (keras_moe.data.NAMES)")
+def _add_recipe_flags(parser, epochs=True, target_default=DEFAULT_RECIPE):
+    from keras_moe.data import NAMES
+
+    parser.add_argument("target", nargs="?", default=None,
+                        help=f"zoo model, recipe name or recipe file (default {target_default})")
+    parser.add_argument("--dataset", help=f"data set: {', '.join(NAMES)}")
     if epochs:
         parser.add_argument("--epochs", type=int, help="epochs of a one-phase recipe")
     parser.add_argument("--batch-size", type=int)
@@ -176,29 +195,101 @@ def _add_recipe_flags(parser, epochs=True):
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="any recipe value, e.g. model.num_experts=16 or "
-                             "phases.1.epochs=2 (repeatable)")
+                             "phases.1.epochs=2 (phases count from 0; repeatable)")
     parser.add_argument("--data-dir", help="where data files are (see keras-moe info)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help=f"default {DEFAULT_SEED}")
 
 
 # train ----------------------------------------------------------------------------------
 
 
+def _given_settings(args):
+    """`{RunSettings field: (value, flag text)}` of the run flags given on the command line."""
+    given = {}
+    if args.seed is not None:
+        given["seed"] = (args.seed, f"--seed {args.seed}")
+    if args.deterministic:
+        given["deterministic"] = (True, "--deterministic")
+    if args.data_dir is not None:
+        given["data_dir"] = (args.data_dir, f"--data-dir {args.data_dir}")
+    if args.strategy is not None:
+        given["strategy"] = (args.strategy, f"--strategy {args.strategy}")
+    if args.no_export:
+        given["export"] = (False, "--no-export")
+    if args.gates:
+        given["gates"] = (True, "--gates")
+    if args.classify is not None:
+        given["classify"] = (args.classify, f"--classify {args.classify}")
+    return given
+
+
+def _new_run_settings(args):
+    from keras_moe.training.run_dir import RunSettings
+
+    given = {key: value for key, (value, _) in _given_settings(args).items()}
+    defaults = {"seed": DEFAULT_SEED, "classify": DEFAULT_CLASSIFY}
+    return RunSettings(**{**defaults, **given})
+
+
+def _resumed_run(args, out):
+    """The stored recipe and settings of the run in `out`; refuses contradicting flags."""
+    from keras_moe import recipes
+    from keras_moe.training.run_dir import RunSettings, prepare_run_dir
+
+    recipe, settings = prepare_run_dir(out, None, resume=True)
+    contradictions = []
+    if settings is None:  # a run started before run.json was written
+        print(f"keras-moe train: {out} has no run.json (an older run): its seed, "
+              "determinism and export choices come from this command's flags",
+              file=sys.stderr)
+        settings = _new_run_settings(args)
+    else:
+        for key, (value, flag) in _given_settings(args).items():
+            stored = getattr(settings, key)
+            if value != stored:
+                contradictions.append(f"{flag} (the run has {key} = {stored!r})")
+    if args.target is not None and args.target not in (recipe.name, recipe.source):
+        contradictions.append(f"{args.target!r} (the run trains recipe {recipe.name!r})")
+    for flag, assignment in _flag_assignments(args):
+        try:
+            changed = recipe.override([assignment]).to_dict() != recipe.to_dict()
+        except recipes.RecipeError as error:
+            raise UsageError(f"--resume: {_flag_name(flag, assignment)}: {error}") from None
+        if changed:
+            contradictions.append(f"{_flag_name(flag, assignment)} (not what the run's "
+                                  "recipe.toml has)")
+    if getattr(args, "epochs", None) is not None:
+        if _with_epochs(recipe, args.epochs).to_dict() != recipe.to_dict():
+            contradictions.append(f"--epochs {args.epochs} (the run's recipe.toml differs)")
+    if contradictions:
+        raise UsageError(
+            f"--resume continues the run in {out} as it was started (recipe.toml, "
+            f"run.json); these flags contradict it: {'; '.join(contradictions)}. Leave "
+            "them out, or train into a new --out")
+    assert isinstance(settings, RunSettings)
+    return recipe, settings
+
+
 def _train(args):
     import pathlib
 
-    import numpy as np
-
-    from keras_moe.analysis import report as report_lib
+    from keras_moe.training import run_dir as run_dir_lib
     from keras_moe.training import runner
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out, the run directory to continue")
+    if args.classify is not None and args.classify < 0:
+        raise UsageError(f"--classify must be >= 0 (0: none), got {args.classify}")
+    if args.resume:
+        recipe, settings = _resumed_run(args, pathlib.Path(args.out))
+    else:
+        recipe, settings = None, _new_run_settings(args)
     # First: MultiWorkerMirroredStrategy must be created before any other TensorFlow op.
-    strategy = _strategy(args.strategy)
-    recipe = None if args.resume else resolve_recipe(args.target, args)
-    out = pathlib.Path(args.out) if args.out else runner.default_run_dir(recipe)
-    if args.deterministic:
+    strategy = _strategy(settings.strategy)
+    if recipe is None:
+        recipe = resolve_recipe(args.target, args)
+    out = pathlib.Path(args.out) if args.out else run_dir_lib.default_run_dir(recipe)
+    if settings.deterministic:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
@@ -209,32 +300,43 @@ def _train(args):
         print(f"non-chief worker of a multi-worker run: the chief writes the run directory "
               f"({out}); this worker's files go to a temporary directory")
     result = runner.train_recipe(
-        recipe, out, strategy=strategy, resume=args.resume, data_dir=args.data_dir,
-        seed=args.seed, verbose=args.verbose, command=["keras-moe"] + sys.argv[1:])
+        recipe, out, strategy=strategy, resume=args.resume, data_dir=settings.data_dir,
+        seed=settings.seed, verbose=args.verbose, command=["keras-moe"] + sys.argv[1:],
+        settings=settings)
     if not result.chief:
         print("training finished; the chief writes the report and the SavedModel")
         return 0
+    return _finish_run(result, out, settings)
+
+
+def _finish_run(result, out, settings):
+    """Report, SavedModel and the fresh-process classification of a finished run."""
+    import numpy as np
+
+    from keras_moe.analysis import report as report_lib
+    from keras_moe.training.datasets import class_names
+
     model, data, history, recipe = result.model, result.data, result.history, result.recipe
-    seconds = result.seconds
-    report = report_lib.make_report(model, data, history, recipe=recipe, seconds=seconds)
+    report = report_lib.make_report(model, data, history, recipe=recipe,
+                                    seconds=result.seconds)
     text = report_lib.write_report(report, history, out)
     print()
     print(text)
     print(f"\nreport: {out / 'report.txt'}, {out / 'report.png'}; TensorBoard: "
           f"tensorboard --logdir {out / 'logs'}")
-    if args.no_export:
+    if not settings.export:
         return 0
     from keras_moe.export import export_saved_model
 
-    saved = export_saved_model(model, out / "saved_model", return_gates=args.gates)
+    saved = export_saved_model(model, out / "saved_model", return_gates=settings.gates)
     print(f"SavedModel: {saved} (serving_default: images -> probabilities"
-          + (", gates_<layer>" if args.gates else "") + ")")
+          + (", gates_<layer>" if settings.gates else "") + ")")
     images = data.probe if not isinstance(data.probe, dict) else None
-    if images is None or args.classify <= 0:
+    if images is None or settings.classify <= 0:
         return 0
-    count = min(args.classify, len(images))
+    count = min(settings.classify, len(images))
     expected = report_lib.probabilities(model, images[:count])
-    names = runner.class_names(recipe.data.dataset, data.num_classes, data.source)
+    names = class_names(recipe.data.dataset, data.num_classes, data.source)
     batch = out / "classify_input.npz"
     np.savez(batch, images=images[:count].astype("float32"),
              labels=data.probe_labels[:count], class_names=np.array(names),
@@ -267,8 +369,18 @@ def _run_client(saved, batch, result_path, expected=None, tolerance=1e-5):
 # evaluate / export / predict ------------------------------------------------------------
 
 
+def _run_of(path):
+    """The run directory of a run directory or of a `.keras` file inside one (or None)."""
+    import pathlib
+
+    path = pathlib.Path(path)
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "recipe.toml").exists() else None
+
+
 def _load_trained(path):
-    """The model of a run directory or `.keras` file, and the run's recipe file (or None)."""
+    """The model of a run directory or `.keras` file (for evaluating or exporting: its
+    optimizer state is not read)."""
     import pathlib
 
     from keras_moe.training import runner
@@ -276,23 +388,28 @@ def _load_trained(path):
     path = pathlib.Path(path)
     if not path.exists():
         raise UsageError(f"{str(path)!r} does not exist (give a run directory or a .keras file)")
-    recipe_file = path / "recipe.toml" if path.is_dir() else None
-    if recipe_file is not None and not recipe_file.exists():
-        recipe_file = None
-    return runner.load_run_model(path), recipe_file
+    return runner.load_run_model(path, compile=False)
 
 
 def _evaluate(args):
     from keras_moe.analysis import report as report_lib
     from keras_moe.training import runner
+    from keras_moe.training.datasets import build_datasets, fit_recipe_to_input
+    from keras_moe.training.run_dir import read_history
 
-    model, recipe_file = _load_trained(args.run)
-    recipe = resolve_recipe(str(recipe_file or args.recipe or DEFAULT_RECIPE), args)
-    data = runner.build_datasets(recipe, data_dir=args.data_dir, seed=args.seed)
-    if model.optimizer is None or not getattr(model, "compiled", True):
-        runner.compile_model(model, recipe, data.steps_per_epoch)
-    report = report_lib.make_report(model, data, runner.read_history(args.run)
-                                    if os.path.isdir(args.run) else (), recipe=recipe)
+    model = _load_trained(args.run)
+    run = _run_of(args.run)
+    if run is not None and args.recipe is None:
+        recipe = resolve_recipe(str(run / "recipe.toml"), args)
+    else:
+        recipe = resolve_recipe(args.recipe or DEFAULT_RECIPE, args)
+        recipe = fit_recipe_to_input(recipe, model.input_shape[1:], data_dir=args.data_dir,
+                                     what=f"{args.run}'s model")
+    data = build_datasets(recipe, data_dir=args.data_dir,
+                          seed=DEFAULT_SEED if args.seed is None else args.seed)
+    runner.compile_model(model, recipe, data.steps_per_epoch)
+    history = read_history(run) if run is not None else None
+    report = report_lib.make_report(model, data, history, recipe=recipe)
     print(report_lib.format_report(report))
     if args.json:
         import json
@@ -305,13 +422,16 @@ def _evaluate(args):
 def _export(args):
     from keras_moe.export import export_saved_model
 
-    model, _ = _load_trained(args.run)
+    model = _load_trained(args.run)
     out = args.out or (os.path.join(args.run, "saved_model") if os.path.isdir(args.run)
                        else os.path.splitext(args.run)[0] + "_saved_model")
     if os.path.lexists(out) and not args.overwrite:
         raise UsageError(f"{out!r} already exists; it is never overwritten silently: pass "
                          "--overwrite to replace it, or choose another --out")
-    export_saved_model(model, out, return_gates=args.gates, overwrite=args.overwrite)
+    try:
+        export_saved_model(model, out, return_gates=args.gates, overwrite=args.overwrite)
+    except (ValueError, OSError) as error:
+        raise UsageError(f"export to {out!r}: {error}") from error
     import tensorflow as tf
 
     signature = tf.saved_model.load(out).signatures["serving_default"]
@@ -324,31 +444,43 @@ def _export(args):
     return 0
 
 
+def _serving_input_shape(saved):
+    """The `images` input shape (without the batch axis) of a SavedModel's signature."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(saved)).signatures["serving_default"]
+    spec = signature.structured_input_signature[1].get("images")
+    return None if spec is None else tuple(int(d) for d in spec.shape[1:])
+
+
 def _predict(args):
     import pathlib
     import tempfile
 
     import numpy as np
 
-    from keras_moe import recipes
-    from keras_moe.training import runner
+    from keras_moe.training.datasets import build_datasets, class_names, fit_recipe_to_input
 
+    if args.count < 1:
+        raise UsageError(f"--count must be >= 1 (test images to classify), got {args.count}")
     saved = pathlib.Path(args.saved_model)
     if not (saved / "saved_model.pb").exists():
         raise UsageError(f"{str(saved)!r} is not a SavedModel directory (no saved_model.pb)")
-    recipe_path = saved.parent / "recipe.toml"
-    if args.dataset is None and recipe_path.exists():
-        recipe = recipes.load_recipe(recipe_path)
-    else:
-        recipe = resolve_recipe(DEFAULT_RECIPE, argparse.Namespace(dataset=args.dataset))
+    run = _run_of(saved.parent) if args.dataset is None else None
+    recipe = resolve_recipe(str(run / "recipe.toml") if run is not None else DEFAULT_RECIPE,
+                            argparse.Namespace(dataset=args.dataset))
     recipe = recipe.override([f"data.test_size={args.count}"])
-    data = runner.build_datasets(recipe, data_dir=args.data_dir, probe_size=args.count)
+    shape = _serving_input_shape(saved)
+    if shape is not None:
+        recipe = fit_recipe_to_input(recipe, shape, data_dir=args.data_dir,
+                                     what=f"the SavedModel {saved}")
+    data = build_datasets(recipe, data_dir=args.data_dir, probe_size=args.count)
     if isinstance(data.probe, dict):
         raise UsageError("predict serves single-input models; this one takes "
                          f"{sorted(data.probe)}")
     with tempfile.TemporaryDirectory() as tmp:
         batch = pathlib.Path(tmp) / "images.npz"
-        names = runner.class_names(recipe.data.dataset, data.num_classes, data.source)
+        names = class_names(recipe.data.dataset, data.num_classes, data.source)
         np.savez(batch, images=data.probe.astype("float32"), labels=data.probe_labels,
                  class_names=np.array(names))
         return _run_client(saved, batch, pathlib.Path(tmp) / "result.json")
@@ -363,13 +495,17 @@ def _tune(args):
     if args.max_minutes is not None and not args.max_minutes >= 0:
         raise UsageError(f"--max-minutes must be >= 0, got {args.max_minutes}")
     recipe = resolve_recipe(args.target, args)
+    validation = args.validation
+    if validation is not None and validation >= 1 and float(validation).is_integer():
+        validation = int(validation)
     try:
         result = tuning.tune_recipe(
             recipe, tuner=args.tuner, max_trials=args.max_trials,
             max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
             epochs=args.trial_epochs, out=args.out, overwrite=args.overwrite,
-            data_dir=args.data_dir, seed=args.seed, search_space=args.search,
-            verbose=args.verbose,
+            data_dir=args.data_dir, seed=DEFAULT_SEED if args.seed is None else args.seed,
+            search_space=args.search, verbose=args.verbose,
+            validation=tuning.DEFAULT_VALIDATION if validation is None else validation,
         )
     except tuning.TuningError as error:
         raise UsageError(str(error)) from error
@@ -400,6 +536,8 @@ def _bench(args):
 
 
 def build_parser():
+    from keras_moe.training.run_dir import RunSettings
+
     parser = argparse.ArgumentParser(
         prog="keras-moe", description="Mixture-of-experts models for Keras.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -419,38 +557,46 @@ def build_parser():
         "train", help="train a zoo model or recipe into a new run directory",
         description="Trains, writes TensorBoard logs and a report (text and PNG), saves "
                     "model.keras, exports a SavedModel and classifies test images with it "
-                    "in a fresh process. Run directories are never overwritten.")
+                    "in a fresh process. Run directories are never overwritten. With "
+                    "--resume, the run continues exactly as it was started (its "
+                    "recipe.toml and run.json); a flag that contradicts them is refused.")
     _add_recipe_flags(train)
-    train.add_argument("--strategy", default="default",
-                       choices=["default", "mirrored", "multi_worker", "tpu"])
+    strategies = ["default", "mirrored", "multi_worker", "tpu"]
+    train.add_argument("--strategy", default=None, choices=strategies,
+                       help=f"tf.distribute strategy (default {RunSettings.strategy})")
     train.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the unfinished run in --out from its last backup")
-    train.add_argument("--deterministic", action="store_true",
+    train.add_argument("--deterministic", action="store_true", default=None,
                        help="TensorFlow op determinism (bit-identical resumes; slower)")
-    train.add_argument("--no-export", action="store_true", help="skip the SavedModel")
-    train.add_argument("--gates", action="store_true",
+    train.add_argument("--no-export", action="store_true", default=None,
+                       help="skip the SavedModel")
+    train.add_argument("--gates", action="store_true", default=None,
                        help="the SavedModel also returns every MoE layer's gates")
-    train.add_argument("--classify", type=int, default=8,
-                       help="test images to classify with the SavedModel (0: none)")
+    train.add_argument("--classify", type=int, default=None,
+                       help=f"test images to classify with the SavedModel (0: none; "
+                            f"default {DEFAULT_CLASSIFY})")
     train.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
                        help="Keras progress: 1 bars, 2 a line per epoch, 0 none")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="test metrics and expert use of a model")
     evaluate.add_argument("run", help="run directory or .keras file")
-    evaluate.add_argument("--recipe", help="recipe whose data to use for a bare .keras file")
+    evaluate.add_argument("--recipe", help="recipe whose data to use for a bare .keras file "
+                                           "(default: the run's, else the default recipe's, "
+                                           "padded and tiled to the model's input)")
     evaluate.add_argument("--dataset")
     evaluate.add_argument("--test-size", type=int)
     evaluate.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     evaluate.add_argument("--data-dir")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=None)
     evaluate.add_argument("--json", help="also write the report as JSON here")
     evaluate.set_defaults(handler=_evaluate)
 
     export = commands.add_parser("export", help="write a SavedModel with a serving signature")
     export.add_argument("run", help="run directory or .keras file")
-    export.add_argument("--out", help="SavedModel directory (default RUN/saved_model)")
+    export.add_argument("--out", help="SavedModel directory (default RUN/saved_model; missing "
+                                      "parent folders are created)")
     export.add_argument("--gates", action="store_true",
                         help="also return every MoE layer's gates")
     export.add_argument("--overwrite", action="store_true",
@@ -461,7 +607,7 @@ def build_parser():
         "predict", help="classify test images with a SavedModel, in a fresh process")
     predict.add_argument("saved_model")
     predict.add_argument("--dataset", help="default: the run's, else fashion_mnist")
-    predict.add_argument("--count", type=int, default=8)
+    predict.add_argument("--count", type=int, default=8, help="test images, >= 1")
     predict.add_argument("--data-dir")
     predict.set_defaults(handler=_predict)
 
@@ -474,6 +620,10 @@ def build_parser():
     tune.add_argument("--trial-epochs", type=int, default=None,
                       help="epochs per trial, the phases scaled in proportion "
                            "(default: the recipe's)")
+    tune.add_argument("--validation", type=float, default=None,
+                      help="training examples held out for selecting the best trial: a "
+                           "fraction in (0, 1) or a count (default 0.1); the test split is "
+                           "measured once, for the best trial")
     tune.add_argument("--search", action="append", metavar="SECTION.KEY=CHOICES",
                       help="override the search space (repeatable): v1,v2,... a choice, "
                            "lo:hi a range (log scale if lo > 0), e.g. "
@@ -482,7 +632,8 @@ def build_parser():
     tune.add_argument("--overwrite", action="store_true",
                       help="search again in an existing --out (keras-tuner's overwrite)")
     tune.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
-                      help="1 keras-tuner's trial reports, 2 also a line per epoch, 0 none")
+                      help="1 keras-tuner's trial reports, 2 also a line per epoch and each "
+                           "failed trial's traceback, 0 none")
     tune.set_defaults(handler=_tune)
 
     from keras_moe.benchmarking import SUITES
@@ -491,7 +642,8 @@ def build_parser():
     _add_recipe_flags(bench, epochs=False)
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--suite", choices=SUITES,
-                       help="run one of the repository's benchmarks/ scripts instead")
+                       help="run one of the benchmark suites (the repository's benchmarks/, "
+                            "shipped in the package) instead")
     bench.add_argument("--suite-args", default="",
                        help="arguments for the --suite script, as one quoted string")
     bench.set_defaults(handler=_bench)
