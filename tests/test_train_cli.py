@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from keras_moe import cli, recipes
-from keras_moe.training import runner
+from keras_moe.training import datasets, run_dir, runner
 
 from conftest import TINY_TWO_DOMAIN_RECIPE
 
@@ -102,7 +102,7 @@ def test_train_writes_a_complete_run_directory(trained_run):
                  "checkpoints/0-train.keras"):
         assert (out / name).exists(), name
     assert (out / "report.png").stat().st_size > 10_000
-    history = runner.read_history(out)
+    history = run_dir.read_history(out)
     assert [(row["phase"], row["epoch"]) for row in history] == [("train", 0), ("train", 1)]
     assert all(np.isfinite(row["loss"]) and "val_accuracy" in row for row in history)
     # TensorBoard: losses and metrics, and the expert utilisation of the MoE layer.
@@ -124,7 +124,7 @@ def test_report_numbers_are_the_models_own(trained_run):
     report = json.loads((out / "report.json").read_text())
     model = keras.saving.load_model(out / "model.keras", safe_mode=True)
     recipe = recipes.load_recipe(out / "recipe.toml")
-    data = runner.build_datasets(recipe)
+    data = datasets.build_datasets(recipe)
     x = np.concatenate([b[0].numpy() for b in data.test])
     y = np.concatenate([b[1].numpy() for b in data.test])
     accuracy = float(np.mean(model.predict(x, verbose=0).argmax(-1) == y))
@@ -167,11 +167,11 @@ def test_a_run_directory_is_never_overwritten(trained_run, tmp_path, capsys):
     assert os.listdir(other) == ["notes.txt"]
     # Without --out every run gets a directory of its own.
     parsed = recipes.load_recipe(recipe)
-    first, second = runner.default_run_dir(parsed, tmp_path), runner.default_run_dir(parsed,
+    first, second = run_dir.default_run_dir(parsed, tmp_path), run_dir.default_run_dir(parsed,
                                                                                       tmp_path)
     assert first == second  # nothing created yet
     first.mkdir(parents=True)
-    assert runner.default_run_dir(parsed, tmp_path) != first
+    assert run_dir.default_run_dir(parsed, tmp_path) != first
 
 
 def test_evaluate_export_and_predict_a_finished_run(trained_run, tmp_path, capsys):
@@ -200,7 +200,7 @@ def test_phases_apply_their_settings_and_number_epochs_on(tmp_path):
     result = runner.train_recipe(recipe, tmp_path / "run", verbose=0)
     assert [(r["phase"], r["epoch"]) for r in result.history] == [
         ("constrained", 0), ("constrained", 1), ("free", 2), ("free", 3)]
-    from keras_moe.training import phases
+    from keras_moe.training import eigen as phases
 
     layers = phases.constrained_moe_layers(result.model)
     assert layers and not any(float(layer.assignment_constraint_active.numpy()) > 0.5 for layer in layers)
@@ -248,7 +248,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
-    epochs = [row["epoch"] for row in runner.read_history(killed)]
+    epochs = [row["epoch"] for row in run_dir.read_history(killed)]
     assert epochs == [0, 1, 2, 3]
     assert (killed / "command.txt").read_text().count("keras-moe train") == 2
 
@@ -293,12 +293,17 @@ tsne_map_epochs = 2
 """
     recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
     keras.utils.set_random_seed(0)
-    data = runner.build_datasets(recipe)
+    data = datasets.build_datasets(recipe)
     model = runner.build_model(recipe, data)
     runner.compile_model(model, recipe, data.steps_per_epoch)
     gate = next(layer for layer in model.layers if isinstance(layer, TSNEGate))
     before = [w.copy() for w in gate.mapping.get_weights()]
-    runner.apply_phase(model, recipe.phases[0], data=data)
+    from keras_moe import zoo
+    from keras_moe.training.phases import apply_phase
+    from keras_moe.zoo.registry import PhaseContext
+
+    apply_phase(model, recipe.phases[0], zoo.get_family(recipe.model.name),
+                PhaseContext(recipe.phases[0], data=data))
     after = gate.mapping.get_weights()
     assert any(not np.allclose(a, b) for a, b in zip(before, after))  # the map was fitted
     assert not gate.mapping.trainable  # and stays frozen for the classifier (the paper's)
@@ -379,9 +384,9 @@ def test_epochs_are_drawn_from_seed_and_epoch_alone(tmp_path):
 
     recipe = recipes.load_recipe(_recipe_file(tmp_path, TINY)).override(
         ["data.train_size=96", "data.augment=true", "data.pad_to=32", "data.batch_size=32"])
-    data = runner.build_datasets(recipe, seed=5)
+    data = datasets.build_datasets(recipe, seed=5)
     first = [b[0].numpy() for b in data.train_epochs(1, 2)]
-    again = [b[0].numpy() for b in runner.build_datasets(recipe, seed=5).train_epochs(1, 2)]
+    again = [b[0].numpy() for b in datasets.build_datasets(recipe, seed=5).train_epochs(1, 2)]
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     # The formula: order = stateless_shuffle(range(n), [seed, e]); example i is the

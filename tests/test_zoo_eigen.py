@@ -9,7 +9,7 @@ import pytest
 from keras_moe import zoo
 from keras_moe.analysis import gating
 from keras_moe.layers import MoEDense
-from keras_moe.training import phases
+from keras_moe.training import eigen as eigen_training
 from keras_moe.zoo import eigen
 
 TINY = dict(input_shape=(6, 6, 1), num_classes=3, experts=(2, 3), units=(5, 4),
@@ -184,11 +184,11 @@ def _tiny_data(n=256, seed=0):
 def test_two_phase_training_lifts_the_constraint_and_loss_decreases():
     x, y = _tiny_data()
     model = _compiled_tiny()
-    layers = phases.constrained_moe_layers(model)
+    layers = eigen_training.constrained_moe_layers(model)
     assert [l.name for l in layers] == ["moe_1", "moe_2"]
     initial = model.evaluate(x, y, verbose=0)
 
-    history = phases.train_eigen_two_phase(model, x, y, constrained_epochs=2, free_epochs=2,
+    history = eigen_training.train_eigen_two_phase(model, x, y, constrained_epochs=2, free_epochs=2,
                                            free_learning_rate=0.05, batch_size=32, verbose=0)
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.05)
     assert history.phases == ["constrained"] * 2 + ["free"] * 2
@@ -218,14 +218,14 @@ def test_constraint_is_active_in_phase_one():
     model = _compiled_tiny(margin=0.0)
     layer = model.get_layer("moe_1")
     layer.gate.bias.assign([5.0, 0.0])  # expert 0 takes nearly everything
-    phases.reset_assignment_totals(model)
-    phases.set_assignment_constraints(model, True)
+    eigen_training.reset_assignment_totals(model)
+    eigen_training.set_assignment_constraints(model, True)
     flat = x.reshape(64, -1) / 255.0
     _, gates = layer(flat, training=True)
     gates = gates.numpy()
     assert (gates[:, 0] == 0.0).mean() > 0.3
     np.testing.assert_allclose(gates.sum(-1), 1.0, rtol=1e-5)
-    phases.set_assignment_constraints(model, False)
+    eigen_training.set_assignment_constraints(model, False)
     _, gates = layer(flat, training=True)
     assert (gates.numpy()[:, 0] > 0.9).all()
 
@@ -238,9 +238,9 @@ def test_callback_lifts_at_the_given_epoch():
     class Record(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             seen.append([float(l.assignment_constraint_active.numpy())
-                         for l in phases.constrained_moe_layers(self.model)])
+                         for l in eigen_training.constrained_moe_layers(self.model)])
 
-    lift = phases.LiftAssignmentConstraint(2)
+    lift = eigen_training.LiftAssignmentConstraint(2)
     model.fit(x, y, epochs=4, batch_size=32, verbose=0, callbacks=[lift, Record()])
     assert seen == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
     assert lift.lifted_at == 2
@@ -252,20 +252,20 @@ def test_phase_argument_errors():
     x, y = _tiny_data(8)
     model = _compiled_tiny()
     with pytest.raises(ValueError, match="epochs"):
-        phases.train_eigen_two_phase(model, x, y, constrained_epochs=1, free_epochs=1,
+        eigen_training.train_eigen_two_phase(model, x, y, constrained_epochs=1, free_epochs=1,
                                      epochs=3)
     with pytest.raises(ValueError, match="constrained_epochs"):
-        phases.train_eigen_two_phase(model, x, y, constrained_epochs=-1, free_epochs=1)
+        eigen_training.train_eigen_two_phase(model, x, y, constrained_epochs=-1, free_epochs=1)
     with pytest.raises(ValueError, match="free_learning_rate"):
-        phases.train_eigen_two_phase(model, x, y, constrained_epochs=1, free_epochs=1,
+        eigen_training.train_eigen_two_phase(model, x, y, constrained_epochs=1, free_epochs=1,
                                      free_learning_rate=0.0)
     with pytest.raises(ValueError, match="compiled"):
-        phases.train_eigen_two_phase(eigen.dmoe_mnist(**TINY), x, y, constrained_epochs=1,
+        eigen_training.train_eigen_two_phase(eigen.dmoe_mnist(**TINY), x, y, constrained_epochs=1,
                                      free_epochs=1)
     with pytest.raises(ValueError, match="assignment_margin"):
-        phases.set_assignment_constraints(eigen.dmoe_mnist_dnn(**TINY), False)
+        eigen_training.set_assignment_constraints(eigen.dmoe_mnist_dnn(**TINY), False)
     with pytest.raises(ValueError, match="lift_at_epoch"):
-        phases.LiftAssignmentConstraint(-1)
+        eigen_training.LiftAssignmentConstraint(-1)
 
 
 def test_save_and_reload_keeps_predictions(tmp_path):

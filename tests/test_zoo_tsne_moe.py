@@ -6,6 +6,7 @@ import pytest
 
 import keras
 
+from keras_moe.analysis import gates as gate_reader
 from keras_moe.layers.expert_clusters import ExpertClusters
 from keras_moe.layers.tsne_gate import ParametricTSNEMap, TSNEGate, fit_parametric_tsne
 from keras_moe.regularizers.tsne import parametric_tsne_loss
@@ -114,7 +115,7 @@ def test_softmax_baseline_and_dense_mlp():
 def test_gate_model_and_weights_per_example():
     x, _ = _images(n=10)
     model = _tiny()
-    outs = zoo_tsne.gate_model(model).predict(x, verbose=0)
+    outs = gate_reader.gate_model(model, "gate", outputs="all").predict(x, verbose=0)
     assert "load" not in outs and outs["embedding"].shape == (10, 2)
     assert np.all(outs["dispatch_mask"].sum(axis=1) == 2)
     counts = zoo_tsne.weights_per_example(model, outs["dispatch_mask"])

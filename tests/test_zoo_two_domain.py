@@ -9,7 +9,8 @@ from keras_moe.layers.expert_mixture import ExpertMixture
 from keras_moe.zoo import registry
 from keras_moe.zoo import two_domain
 from keras_moe.analysis import activation_rates
-from keras_moe.zoo.two_domain import two_domain_gate_model, two_domain_moe
+from keras_moe.analysis.gates import gate_model
+from keras_moe.zoo.two_domain import two_domain_moe
 
 TINY = dict(input_shape=(8, 8, 1), num_classes=6, expert_filters=3, expert_units=5,
             gate_filters=2, gate_units=4)
@@ -44,7 +45,7 @@ def test_shapes_and_gates_on_simplex(gate):
     model = two_domain_moe(gate=gate, **TINY)
     x, _, _ = _batch()
     logits = model(x)
-    gates = np.asarray(two_domain_gate_model(model)(x))
+    gates = np.asarray(gate_model(model, "mixture")(x))
     assert logits.shape == (12, 6) and gates.shape == (12, 2)
     np.testing.assert_allclose(gates.sum(-1), 1.0, rtol=1e-6)
     assert [t.name for t in model.inputs] == ["image"]
@@ -54,7 +55,7 @@ def test_mixture_equals_gate_weighted_expert_logits():
     model = two_domain_moe(gate="dense", **TINY)
     x, _, _ = _batch()
     mixture = model.get_layer("mixture")
-    gates = np.asarray(two_domain_gate_model(model)(x), np.float64)
+    gates = np.asarray(gate_model(model, "mixture")(x), np.float64)
     experts = [np.asarray(e(x), np.float64) for e in mixture.experts]
     expected = gates[:, :1] * experts[0] + gates[:, 1:] * experts[1]
     np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-5, atol=1e-6)
@@ -68,7 +69,7 @@ def test_oracle_routes_exactly_by_domain():
     model = two_domain_moe(gate="oracle", **TINY)
     x, domain, _ = _batch()
     inputs = {"image": x, "domain": domain}
-    gates = np.asarray(two_domain_gate_model(model)(inputs))
+    gates = np.asarray(gate_model(model, "mixture")(inputs))
     np.testing.assert_array_equal(gates, np.eye(2, dtype="float32")[domain])
     mixture = model.get_layer("mixture")
     per_expert = [np.asarray(e(x)) for e in mixture.experts]
@@ -90,7 +91,7 @@ def test_gate_loss_adds_exactly_the_formula(kind, gate):
     x, _, y = _batch()
     for m in (plain, lossy):
         m.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    gates = np.asarray(two_domain_gate_model(plain)(x))
+    gates = np.asarray(gate_model(plain, "mixture")(x))
     expected = _np_gate_loss(kind, gates, alpha, beta)
 
     pred_plain = plain(x, training=True)
@@ -121,9 +122,9 @@ def test_training_step_moves_the_gate_loss():
     model.compile(keras.optimizers.Adam(0.05),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, _, y = _batch(32)
-    before = _np_gate_loss("entropy", np.asarray(two_domain_gate_model(model)(x)), 1.0, 0.0)
+    before = _np_gate_loss("entropy", np.asarray(gate_model(model, "mixture")(x)), 1.0, 0.0)
     model.fit(x, y, batch_size=32, epochs=5, verbose=0)
-    after = _np_gate_loss("entropy", np.asarray(two_domain_gate_model(model)(x)), 1.0, 0.0)
+    after = _np_gate_loss("entropy", np.asarray(gate_model(model, "mixture")(x)), 1.0, 0.0)
     assert after < before  # minimising -Entropy(mean gate) balances the experts
 
 
@@ -135,7 +136,7 @@ def test_save_load_round_trip(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(np.asarray(loaded(inputs)), np.asarray(model(inputs)))
-    np.testing.assert_array_equal(np.asarray(two_domain_gate_model(loaded)(inputs)),
+    np.testing.assert_array_equal(np.asarray(gate_model(loaded, "mixture")(inputs)),
                                   np.eye(2, dtype="float32")[domain])
     layer = loaded.get_layer("mixture")
     assert layer.oracle and type(layer.gate_loss[0]).__name__ == "VarianceGateLoss"
@@ -224,7 +225,7 @@ def test_mixed_precision_output_is_float32():
         model = two_domain_moe(gate="conv", **TINY)
         x, _, _ = _batch()
         logits = model(x)
-        gates = two_domain_gate_model(model)(x)
+        gates = gate_model(model, "mixture")(x)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert logits.dtype == "float32" and gates.dtype == "float32"
