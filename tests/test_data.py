@@ -242,8 +242,11 @@ def test_nothing_found_lists_places_and_three_ways(isolated):
         kd.load_numpy("cifar10", "train", data_dir=str(isolated / "nowhere"), source="files")
     msg = str(e.value)
     assert isinstance(e.value, FileNotFoundError)
-    assert str(isolated / "nowhere") in msg and os.path.join(str(isolated / "home"), ".keras", "datasets") in msg
+    assert str(isolated / "nowhere") in msg and "the only place searched" in msg
     assert "TFDS with internet" in msg and "KERAS_MOE_DATA_DIR" in msg and "apt-get install dataset-fashion-mnist" in msg
+    with pytest.raises(kd.DataNotFoundError) as e:  # without a data_dir: the default places
+        kd.load_numpy("cifar10", "train", source="files")
+    assert os.path.join(str(isolated / "home"), ".keras", "datasets") in str(e.value)
     # auto without download: the TFDS step is reported too.
     with pytest.raises(kd.DataNotFoundError, match="not prepared"):
         kd.load("mnist", "train", data_dir=str(isolated / "nowhere"), download=False)
