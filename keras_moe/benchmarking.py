@@ -132,7 +132,10 @@ def benchmark_recipe(recipe, *, batch_size=None, steps=20, repeats=50, data_dir=
     repeats = validation.positive_int("repeats", repeats)
     batch_size = recipe.data.batch_size if batch_size is None else validation.positive_int(
         "batch_size", batch_size)
-    recipe = recipe.override([f"data.train_size={batch_size}", f"data.batch_size={batch_size}",
+    # The recipe's examples (a thousand at most): phase settings may fit on them (the
+    # t-SNE map needs more examples than its perplexity); the steps use the first batch.
+    train_size = max(batch_size, min(recipe.data.train_size or 1024, 1024))
+    recipe = recipe.override([f"data.train_size={train_size}", f"data.batch_size={batch_size}",
                               "data.test_size=1"])
     keras.utils.set_random_seed(seed)
     data = build_datasets(recipe, data_dir=data_dir, seed=seed, probe_size=1)

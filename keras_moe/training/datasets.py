@@ -246,11 +246,12 @@ def build_datasets(recipe, *, data_dir=None, seed=0, probe_size=1024, drop_remai
         test = test.map(lambda f, y: (_on_image(transform, f), y))
         if validation_size:
             cut = len(y_train) - validation_size
-            held = tf.nest.map_structure(lambda a: a[cut:], x_train)
-            validation = tf.data.Dataset.from_tensor_slices((held, y_train[cut:])).map(
-                lambda f, y: (_on_image(transform, f), y))
-            x_train = tf.nest.map_structure(lambda a: a[:cut], x_train)
-            y_train = y_train[:cut]
+            # Copies, not views: the arrays alias the tensors they were read from.
+            held = tf.nest.map_structure(lambda a: np.array(a[cut:]), x_train)
+            validation = tf.data.Dataset.from_tensor_slices(
+                (held, np.array(y_train[cut:]))).map(lambda f, y: (_on_image(transform, f), y))
+            x_train = tf.nest.map_structure(lambda a: np.array(a[:cut]), x_train)
+            y_train = np.array(y_train[:cut])
         n_train, n_test = len(y_train), _count(test)
         features = tf.nest.map_structure(tf.constant, x_train)
         labels = tf.constant(y_train)

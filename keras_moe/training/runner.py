@@ -117,7 +117,7 @@ def make_optimizer(recipe, steps_per_epoch):
     spec, schedule = recipe.optimizer, recipe.schedule
     learning_rate = spec.learning_rate
     total_steps = recipe.total_epochs * steps_per_epoch
-    if schedule.name == "step":
+    if schedule.name == "step" and schedule.boundaries:  # no boundary left: constant
         boundaries = [b * steps_per_epoch for b in schedule.boundaries]
         values = [spec.learning_rate * schedule.factor ** i for i in range(len(boundaries) + 1)]
         learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)

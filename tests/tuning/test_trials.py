@@ -44,3 +44,17 @@ def test_a_tsne_trial_fits_the_map_then_validates_on_held_out_training_data():
     assert len(labels) == 100 and data.train_examples == 500
     accuracy = np.mean(model.predict(images, verbose=0).argmax(-1) == labels)
     assert logs["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_a_step_schedule_scaled_past_its_boundaries_trains_at_a_constant_rate():
+    """Scaled to one epoch, a recipe's step boundaries (epoch 3 of 4) all fall past the
+    trial's end; the trial used to fail with Keras's IndexError on an empty schedule."""
+    from keras_moe.training import runner
+
+    recipe = load_recipe("resnet8_fashion_mnist")
+    short = tuning.scale_phases(recipe, 1)
+    assert short.schedule.name == "step" and short.schedule.boundaries == ()
+    optimizer = runner.make_optimizer(short, steps_per_epoch=10)
+    assert float(optimizer.learning_rate) == pytest.approx(recipe.optimizer.learning_rate)
+    assert float(optimizer.learning_rate) == pytest.approx(
+        float(runner.make_optimizer(recipe, 10).learning_rate))  # iteration 0: the base rate
