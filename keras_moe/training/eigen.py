@@ -34,8 +34,8 @@ import keras
 from keras_moe import validation
 from keras_moe.recipes import Phase
 from keras_moe.training.phases import run_phases
-from keras_moe.zoo.eigen import (
-    EIGEN,
+from keras_moe.zoo.eigen import EIGEN
+from keras_moe.zoo.eigen_constraint import (
     constrained_moe_layers,
     require_constrained_layers,
     reset_assignment_totals,

@@ -232,7 +232,7 @@ def test_embedding_and_classifier_are_snapshotted_with_norms_folded():
     close_gates(model)
     runner = SkipChannelRunner(model)
     snapshotted = {type(s).__name__ for s in runner._snapshots.values()}
-    assert snapshotted == {"_Embedding", "_Dense"}
+    assert snapshotted == {"SnapshotEmbedding", "SnapshotDense"}
     x = images(3, seed=9)
     assert_matches(model, runner, x[:1])
     assert_matches(model, runner, x)
