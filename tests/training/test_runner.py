@@ -21,8 +21,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe import cli
-from keras_moe.training import run_dir
+from keras_moe import cli, recipes
+from keras_moe.training import run_dir, runner
+
+from conftest import TINY_TWO_DOMAIN_RECIPE
 
 pytestmark = pytest.mark.slow
 
@@ -154,3 +156,85 @@ def test_every_resume_ends_with_the_uninterrupted_weights(runs):
     said = outputs[DAMAGED]
     assert "epoch-4.weights.h5 is not readable" in said and "falling back" in said
     assert "resuming at epoch 4 from" in said and "epoch-3.weights.h5" in said
+
+
+def _recipe_file(tmp_path, text, name="recipe.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_mirrored_run_matches_one_device(tmp_path, mirrored_strategy):
+    """A zoo model with a gate loss (two-domain MoE, entropy loss) through train_recipe:
+    two replicas give one device's losses and weights."""
+    text = TINY_TWO_DOMAIN_RECIPE
+    recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
+    one = runner.train_recipe(recipe, tmp_path / "one", verbose=0)
+    two = runner.train_recipe(recipe, tmp_path / "two", verbose=0, strategy=mirrored_strategy)
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    np.testing.assert_allclose([r["loss"] for r in two.history],
+                               [r["loss"] for r in one.history], rtol=1e-5)
+    for a, b in zip(one.model.get_weights(), two.model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+
+
+def test_deepmoe_recipe_runs_procedure_1_and_reports_gates_and_effective_macs(tmp_path):
+    from keras_moe.analysis import flops
+    from keras_moe.analysis import report as report_lib
+    from keras_moe.training.deepmoe import gating_layers
+
+    text = """
+[model]
+name = "deepmoe_resnet_cifar"
+depth = 8
+width_multiplier = 0.25
+embedding_widths = [4, 4, 4, 4]
+
+[losses]
+gate_l1 = 0.5
+
+[data]
+dataset = "fashion_mnist"
+batch_size = 64
+train_size = 256
+test_size = 64
+pad_to = 32
+
+[optimizer]
+name = "sgd"
+learning_rate = 0.05
+momentum = 0.9
+
+[[phases]]
+name = "joint"
+epochs = 1
+gate_density_target = 0.6
+
+[[phases]]
+name = "finetune"
+epochs = 1
+freeze_gating = true
+gate_l1 = 0.0
+embedding_loss_weight = 0.0
+"""
+    recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
+    result = runner.train_recipe(recipe, tmp_path / "run", verbose=0)
+    model = result.model
+    assert [r["phase"] for r in result.history] == ["joint", "finetune"]
+    assert "gate_density" in result.history[0] and "gate_l1" in result.history[0]
+    assert model.gate_l1 == 0.0 and model.embedding_loss_weight == 0.0
+    assert gating_layers(model) and not any(layer.trainable for layer in gating_layers(model))
+    report = report_lib.make_report(model, result.data, result.history, recipe=recipe)
+    deep = report["deepmoe"]
+    assert deep["gate_density"] == pytest.approx(
+        flops.gate_density(model, result.data.probe, overall=True))
+    assert deep["effective_macs"] == pytest.approx(
+        flops.effective_flops(model, result.data.probe).total)
+    assert report["static_macs"] == flops.static_flops(model)
+    assert "DeepMoE gate density" in report_lib.format_report(report)
+    report_lib.plot_report(report, result.history, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+
+

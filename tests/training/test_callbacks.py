@@ -85,15 +85,18 @@ def test_writes_expected_tags_and_values(tmp_path):
     assert monitor.collapses == []
 
 
-def test_warns_on_collapsed_expert_during_fit(tmp_path):
+def test_warns_on_collapsed_expert_during_fit(tmp_path, caplog):
     model = _model(collapse=True)
     model.compile(keras.optimizers.SGD(0.0),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = np.random.default_rng(2).random((32, 6)).astype("float32")
     y = np.arange(32) % 2
     monitor = ExpertUtilizationMonitor(str(tmp_path / "logs"), probe=x)
-    with pytest.warns(ExpertCollapseWarning, match="expert 3 of MoE layer 'moe'"):
+    with pytest.warns(ExpertCollapseWarning, match="expert 3 of MoE layer 'moe'") as caught:
         model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[monitor])
+    # One warning per collapse, printed once: no second copy through logging.
+    assert len([w for w in caught if w.category is ExpertCollapseWarning]) == 2
+    assert not [r for r in caplog.records if "collapsed" in r.getMessage()]
     assert [(epoch, layer, expert) for epoch, layer, expert, _ in monitor.collapses] == [
         (0, "moe", 3), (1, "moe", 3)]
     events = _events(str(tmp_path / "logs"))
