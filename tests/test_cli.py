@@ -24,6 +24,7 @@ from keras_moe.training import datasets, run_dir
 
 
 
+@pytest.mark.slow
 def test_version_and_info_report_the_installation(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == keras_moe.__version__
@@ -33,12 +34,14 @@ def test_version_and_info_report_the_installation(capsys):
     assert "fashion-mnist" in out
 
 
+@pytest.mark.slow
 def test_no_command_prints_help_and_fails():
     result = subprocess.run([sys.executable, "-m", "keras_moe.cli"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "usage: keras-moe" in result.stdout
 
 
+@pytest.mark.slow
 def test_list_prints_every_registered_model_with_its_description(monkeypatch, capsys):
     from keras_moe.zoo import registry
 
@@ -259,6 +262,7 @@ def test_bad_input_gets_one_line_that_names_it(deepmoe_run, tmp_path, capsys):
         export_saved_model("not a model", tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_help_says_what_is_allowed(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

@@ -21,6 +21,8 @@ from keras_moe.training import run_dir, runner
 
 from conftest import TINY_TWO_DOMAIN_RECIPE, finish_all, free_ports
 
+pytestmark = pytest.mark.slow  # several processes
+
 RECIPE = TINY_TWO_DOMAIN_RECIPE
 
 TIMEOUT = 240

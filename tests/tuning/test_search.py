@@ -29,6 +29,7 @@ def search(recipe, tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_random_search_writes_the_best_trial_as_a_recipe(recipe, search):
     result, out = search
     assert result.trials == 3 and result.stopped_by == "max_trials"
@@ -62,6 +63,7 @@ def test_random_search_writes_the_best_trial_as_a_recipe(recipe, search):
         assert key in header
 
 
+@pytest.mark.slow
 def test_the_summary_tables_every_trial(search):
     result, _ = search
     summary = result.summary()
@@ -72,6 +74,7 @@ def test_the_summary_tables_every_trial(search):
     assert "model.num_experts" in summary and "optimizer.learning_rate" in summary
 
 
+@pytest.mark.slow
 def test_top_k_never_exceeds_the_number_of_experts(search):
     result, out = search
     for row in result.rows:
@@ -85,6 +88,7 @@ def test_top_k_never_exceeds_the_number_of_experts(search):
         assert list(scoped.values())[0] <= count
 
 
+@pytest.mark.slow
 def test_the_winner_is_chosen_on_held_out_training_data_and_tested_once(search):
     """The objective is measured on the last tenth of the training examples, which no
     trial trains on; the test split is measured once, on the winner (it used to be the

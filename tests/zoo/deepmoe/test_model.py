@@ -225,6 +225,7 @@ def test_get_config_chains_to_super_and_rebuilds_the_same_model():
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_loading_without_keras_moe_says_to_import_it(tmp_path):
     """With only `import keras`, loading used to dump a 30 KB config; now the short
     config's first keys say what to do."""
