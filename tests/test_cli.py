@@ -22,6 +22,7 @@ import keras_moe
 from keras_moe import cli, recipes
 from keras_moe.training import datasets, run_dir
 
+from conftest import TINY_SPARSE_RECIPE, write_recipe
 
 
 @pytest.mark.slow
@@ -61,44 +62,11 @@ def test_list_prints_every_registered_model_with_its_description(monkeypatch, ca
     assert cli.main(["list", "zzz"]) == 1
 
 
-TINY = """
-[recipe]
-name = "tiny_sparse"
-description = "tiny"
-paper = "test"
-
-[model]
-name = "sparse_moe_classifier"
-num_experts = 4
-top_k = 2
-units = 16
-
-[losses]
-importance_weight = 0.1
-load_weight = 0.1
-
-[data]
-dataset = "fashion_mnist"
-batch_size = 64
-train_size = 512
-test_size = 256
-
-[[phases]]
-name = "train"
-epochs = 2
-"""
-
-def _recipe_file(tmp_path, text, name="recipe.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     out = tmp / "run"
-    recipe = _recipe_file(tmp, TINY)
+    recipe = write_recipe(tmp, TINY_SPARSE_RECIPE)
     code = cli.main(["train", recipe, "--out", str(out), "--verbose", "0", "--classify", "4",
                      "--gates"])
     return code, out
@@ -166,7 +134,7 @@ def test_saved_model_classifies_in_a_fresh_process_without_keras_moe(trained_run
 @pytest.mark.slow
 def test_a_run_directory_is_never_overwritten(trained_run, tmp_path, capsys):
     _, out = trained_run
-    recipe = _recipe_file(tmp_path, TINY)
+    recipe = write_recipe(tmp_path, TINY_SPARSE_RECIPE)
     before = (out / "model.keras").stat().st_mtime_ns
     assert cli.main(["train", recipe, "--out", str(out)]) == 2
     assert "already holds a finished run; it is never overwritten" in capsys.readouterr().err
@@ -186,9 +154,6 @@ def test_a_run_directory_is_never_overwritten(trained_run, tmp_path, capsys):
     assert first == second  # nothing created yet
     first.mkdir(parents=True)
     assert run_dir.default_run_dir(parsed, tmp_path) != first
-
-
-
 
 
 # What a new user met: errors as tracebacks (item 7) and noise (item 12) ----------------

@@ -16,15 +16,21 @@ from keras import ops, tree
 from keras_moe import compat
 
 
+def per_thread(owner, name):
+    """A `{thread id: value}` dict kept on `owner` under `name`, outside Keras's attribute
+    tracking: per replica under `MirroredStrategy` (one thread each)."""
+    store = owner.__dict__.get(name)
+    if store is None:
+        store = {}
+        object.__setattr__(owner, name, store)
+    return store
+
+
 class ReplicaLocalLossesMixin:
     """Keeps `add_loss` terms per thread (per replica); mix in before `keras.layers.Layer`."""
 
     def _losses_by_thread(self):
-        store = self.__dict__.get("_replica_local_losses")
-        if store is None:
-            store = {}
-            object.__setattr__(self, "_replica_local_losses", store)
-        return store
+        return per_thread(self, "_replica_local_losses")
 
     def add_loss(self, loss):
         if compat.in_stateless_scope():

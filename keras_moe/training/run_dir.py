@@ -34,7 +34,6 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 import time
 
 import keras
@@ -71,35 +70,19 @@ def _replace(temporary, path):
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def _temporary(path):
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
-    return fd, temporary
-
-
-def atomic_write(path, data):
-    """Writes `data` (str or bytes) to `path` through a fsynced temporary file and a rename."""
-    fd, temporary = _temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return pathlib.Path(path)
-
-
 def _fsync_file(path):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
+def _write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
 def _save_then_replace(write, path, suffix):
-    """`write(temporary path)`, fsync, rename to `path` (Keras picks the format by suffix)."""
+    """`write(temporary path)`, fsync, rename to `path`: the one way every file of a run is
+    written (Keras picks a model file's format by its suffix, so the temporary keeps it)."""
     folder, name = os.path.split(os.path.abspath(path))
     temporary = os.path.join(folder, f".{name}.{os.getpid()}.partial{suffix}")
     try:
@@ -111,6 +94,11 @@ def _save_then_replace(write, path, suffix):
             os.remove(temporary)
         raise
     return pathlib.Path(path)
+
+
+def atomic_write(path, data):
+    """Writes `data` (str or bytes) to `path` through a fsynced temporary file and a rename."""
+    return _save_then_replace(lambda temporary: _write_bytes(temporary, data), path, "")
 
 
 def save_model(model, path):

@@ -9,39 +9,14 @@ from keras_moe import recipes
 from keras_moe.recipes import RecipeError
 from keras_moe.training import datasets
 
-TINY = """
-[recipe]
-name = "tiny_sparse"
-
-[model]
-name = "sparse_moe_classifier"
-num_experts = 4
-top_k = 2
-units = 16
-
-[data]
-dataset = "fashion_mnist"
-batch_size = 64
-train_size = 512
-test_size = 256
-
-[[phases]]
-name = "train"
-epochs = 2
-"""
-
-
-def _recipe_file(tmp_path, text, name="recipe.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
+from conftest import TINY_SPARSE_RECIPE, write_recipe
 
 
 def test_epochs_are_drawn_from_seed_and_epoch_alone(tmp_path):
     """Epoch e's order and augmentation depend on (seed, e) only: what resuming needs."""
     from keras_moe.data import pipelines
 
-    recipe = recipes.load_recipe(_recipe_file(tmp_path, TINY)).override(
+    recipe = recipes.load_recipe(write_recipe(tmp_path, TINY_SPARSE_RECIPE)).override(
         ["data.train_size=96", "data.augment=true", "data.pad_to=32", "data.batch_size=32"])
     data = datasets.build_datasets(recipe, seed=5)
     first = [b[0].numpy() for b in data.train_epochs(1, 2)]
@@ -62,7 +37,7 @@ def test_epochs_are_drawn_from_seed_and_epoch_alone(tmp_path):
 
 
 def test_the_validation_split_is_the_last_training_examples_and_never_trains(tmp_path):
-    recipe = recipes.load_recipe(_recipe_file(tmp_path, TINY)).override(["data.train_size=100"])
+    recipe = recipes.load_recipe(write_recipe(tmp_path, TINY_SPARSE_RECIPE)).override(["data.train_size=100"])
     whole = datasets.build_datasets(recipe)
     split = datasets.build_datasets(recipe, validation_size=30)
     assert (split.train_examples, split.validation_examples) == (70, 30)
@@ -85,7 +60,7 @@ def test_class_names_name_the_two_domain_classes():
 
 
 def test_data_is_brought_to_the_models_input_or_the_message_says_what_to_pass(tmp_path):
-    recipe = recipes.load_recipe(_recipe_file(tmp_path, TINY))
+    recipe = recipes.load_recipe(write_recipe(tmp_path, TINY_SPARSE_RECIPE))
     fitted = datasets.fit_recipe_to_input(recipe, (32, 32, 3))
     assert (fitted.data.pad_to, fitted.data.channels) == (32, 3)
     assert datasets.fit_recipe_to_input(recipe, (28, 28, 1)) is recipe

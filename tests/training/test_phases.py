@@ -10,46 +10,7 @@ from keras_moe.training import datasets, runner
 from keras_moe.training.phases import apply_phase, phase_spans, run_phases
 from keras_moe.zoo.registry import PhaseContext
 
-EIGEN_TWO_PHASE = """
-[recipe]
-name = "tiny_eigen"
-
-[model]
-name = "dmoe_mnist"
-experts = [3, 2]
-units = [16, 8]
-gate_hidden_units = [8, 4]
-assignment_margin = 20.0
-
-[data]
-dataset = "fashion_mnist"
-batch_size = 32
-train_size = 1024
-test_size = 128
-normalize = "none"
-
-[optimizer]
-name = "adam"
-learning_rate = 0.002
-
-[[phases]]
-name = "constrained"
-epochs = 2
-assignment_constraint = true
-
-[[phases]]
-name = "free"
-epochs = 2
-assignment_constraint = false
-"""
-
-
-
-
-def _recipe_file(tmp_path, text, name="recipe.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
+from conftest import TINY_EIGEN_RECIPE, write_recipe
 
 
 def _fits(log):
@@ -91,7 +52,7 @@ def test_a_setting_of_another_family_names_the_families_that_have_it():
 
 
 def test_phases_apply_their_settings_and_number_epochs_on(tmp_path):
-    recipe = recipes.load_recipe(_recipe_file(tmp_path, EIGEN_TWO_PHASE))
+    recipe = recipes.load_recipe(write_recipe(tmp_path, TINY_EIGEN_RECIPE))
     result = runner.train_recipe(recipe, tmp_path / "run", verbose=0)
     assert [(r["phase"], r["epoch"]) for r in result.history] == [
         ("constrained", 0), ("constrained", 1), ("free", 2), ("free", 3)]
@@ -103,7 +64,7 @@ def test_phases_apply_their_settings_and_number_epochs_on(tmp_path):
                                      safe_mode=True)
     assert all(float(layer.assignment_constraint_active.numpy()) > 0.5
                for layer in phases.constrained_moe_layers(phase0))
-    assert int(result.model.optimizer.iterations.numpy()) == 4 * 32  # 1024 / 32 per epoch
+    assert int(result.model.optimizer.iterations.numpy()) == 4 * 8  # 512 / 64 per epoch
 
 
 def test_tsne_phase_fits_the_map_then_places_the_experts_on_it(tmp_path):
@@ -129,7 +90,7 @@ normalize = "none"
 epochs = 1
 tsne_map_epochs = 2
 """
-    recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
+    recipe = recipes.load_recipe(write_recipe(tmp_path, text))
     keras.utils.set_random_seed(0)
     data = datasets.build_datasets(recipe)
     model = runner.build_model(recipe, data)

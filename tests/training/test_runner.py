@@ -24,45 +24,14 @@ import pytest
 from keras_moe import cli, recipes
 from keras_moe.training import run_dir, runner
 
-from conftest import TINY_TWO_DOMAIN_RECIPE
+from conftest import TINY_EIGEN_RECIPE, TINY_TWO_DOMAIN_RECIPE, write_recipe
 
 pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_workers", "killed_train.py")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
-RECIPE = """
-[recipe]
-name = "tiny_eigen"
-
-[model]
-name = "dmoe_mnist"
-experts = [3, 2]
-units = [16, 8]
-gate_hidden_units = [8, 4]
-assignment_margin = 20.0
-
-[data]
-dataset = "fashion_mnist"
-batch_size = 64
-train_size = 512
-test_size = 64
-normalize = "none"
-
-[optimizer]
-name = "adam"
-learning_rate = 0.002
-
-[[phases]]
-name = "constrained"
-epochs = 2
-assignment_constraint = true
-
-[[phases]]
-name = "free"
-epochs = 2
-assignment_constraint = false
-"""
+RECIPE = TINY_EIGEN_RECIPE
 STARTED_WITH = ["--seed", "3", "--deterministic", "--no-export", "--classify", "0",
                 "--verbose", "0"]
 # (point, occurrence): 4 epoch backups (epochs 1-2 in phase 0, 3-4 in phase 1), 4 history
@@ -158,17 +127,11 @@ def test_every_resume_ends_with_the_uninterrupted_weights(runs):
     assert "resuming at epoch 4 from" in said and "epoch-3.weights.h5" in said
 
 
-def _recipe_file(tmp_path, text, name="recipe.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
-
-
 def test_mirrored_run_matches_one_device(tmp_path, mirrored_strategy):
     """A zoo model with a gate loss (two-domain MoE, entropy loss) through train_recipe:
     two replicas give one device's losses and weights."""
     text = TINY_TWO_DOMAIN_RECIPE
-    recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
+    recipe = recipes.load_recipe(write_recipe(tmp_path, text))
     one = runner.train_recipe(recipe, tmp_path / "one", verbose=0)
     two = runner.train_recipe(recipe, tmp_path / "two", verbose=0, strategy=mirrored_strategy)
     assert mirrored_strategy.num_replicas_in_sync == 2
@@ -176,8 +139,6 @@ def test_mirrored_run_matches_one_device(tmp_path, mirrored_strategy):
                                [r["loss"] for r in one.history], rtol=1e-5)
     for a, b in zip(one.model.get_weights(), two.model.get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-
-
 
 
 def test_deepmoe_recipe_runs_procedure_1_and_reports_gates_and_effective_macs(tmp_path):
@@ -219,7 +180,7 @@ freeze_gating = true
 gate_l1 = 0.0
 embedding_loss_weight = 0.0
 """
-    recipe = recipes.load_recipe(_recipe_file(tmp_path, text))
+    recipe = recipes.load_recipe(write_recipe(tmp_path, text))
     result = runner.train_recipe(recipe, tmp_path / "run", verbose=0)
     model = result.model
     assert [r["phase"] for r in result.history] == ["joint", "finetune"]

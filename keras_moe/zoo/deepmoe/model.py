@@ -41,7 +41,7 @@ from keras_moe import validation
 from keras_moe.layers.gated_conv import GatedConv2D
 from keras_moe.layers.gated_conv import ShallowEmbedding
 from keras_moe.layers.gates import ReLUGate
-from keras_moe.layers.replica_losses import ReplicaLocalLossesMixin
+from keras_moe.layers.replica_losses import ReplicaLocalLossesMixin, per_thread
 from keras_moe.regularizers import functional as reg_fn
 
 DEFAULT_GATE_L1 = 0.1
@@ -196,12 +196,8 @@ class DeepMoEObjective(ReplicaLocalLossesMixin, keras.layers.Layer):
             validation.non_negative_float("embedding_loss_weight", value))
 
     def _pending(self):
-        # Per thread (= per replica under MirroredStrategy), as ReplicaLocalLossesMixin.
-        store = self.__dict__.get("_embedding_logits_by_thread")
-        if store is None:
-            store = {}
-            object.__setattr__(self, "_embedding_logits_by_thread", store)
-        return store
+        # Per thread (= per replica under MirroredStrategy), as the losses are.
+        return per_thread(self, "_embedding_logits_by_thread")
 
     def pop_embedding_logits(self):
         """The embedding logits of this replica's last training call (None if none)."""

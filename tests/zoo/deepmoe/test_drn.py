@@ -21,7 +21,7 @@ import tensorflow as tf
 
 import keras
 
-from keras_moe import zoo
+from keras_moe import compat, zoo
 from keras_moe.layers.gated_conv import GatedConv2D
 from keras_moe.layers.gated_conv import ShallowEmbedding
 from keras_moe.layers.gates import ReLUGate
@@ -79,7 +79,7 @@ def expected_gated(bottleneck):
 
 
 def _inbound(layer, index=0):
-    return layer._inbound_nodes[0].input_tensors[index]._keras_history.operation
+    return compat.producing_operation(compat.inbound_nodes(layer)[0].input_tensors[index])
 
 
 @pytest.fixture(scope="module")

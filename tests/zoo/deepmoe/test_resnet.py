@@ -7,61 +7,17 @@ import pytest
 
 import keras
 
-from keras_moe import zoo
+from keras_moe import compat, zoo
 from keras_moe.layers.gated_conv import GatedConv2D
 from keras_moe.layers.gated_conv import ShallowEmbedding
 from keras_moe.layers.gates import ReLUGate
 from keras_moe.zoo import deepmoe
 
-NUM_CLASSES = 5
-SHAPE = (16, 16, 3)
+from .helpers import NUM_CLASSES, SHAPE, tiny
 
-
-def tiny(**kwargs):
-    """A DeepMoE ResNet-8 with 8/16/32 channels and a 4-layer width-4 embedding."""
-    kwargs.setdefault("num_classes", NUM_CLASSES)
-    return deepmoe.deepmoe_resnet_cifar(
-        depth=8, input_shape=SHAPE, width_multiplier=0.5, embedding_widths=(4, 4, 4, 4),
-        **kwargs,
-    )
-
-
-def batch(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n,) + SHAPE).astype("float32")
-    y = rng.integers(0, NUM_CLASSES, size=n)
-    return x, y
-
-
-def np_ce(logits, y):
-    logits = logits - logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    return -logp[np.arange(len(y)), y]
-
-
-def objective(model, x, y, lam, mu):
-    """Eq. 7 in numpy from the network's training-mode outputs."""
-    out = model.network(x, training=True)
-    ce = np_ce(np.asarray(out["logits"], "float64"), y).mean()
-    ce_e = np_ce(np.asarray(out["embedding_logits"], "float64"), y).mean()
-    # eq. 8 per example, divided by the number of gated channels, averaged over the batch
-    gates = np.concatenate([np.asarray(g, "float64") for g in out["gates"]], axis=1)
-    l_g = np.abs(gates).sum(axis=1).mean() / gates.shape[1]
-    return ce + lam * l_g + mu * ce_e, ce, l_g, ce_e
-
-
-def compile_plain(model, lr=0.0):
-    model.compile(
-        keras.optimizers.SGD(lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-
-
-# The objective ---------------------------------------------------------------------------
 
 def _inbound_layer(layer, index=0):
-    return layer._inbound_nodes[0].input_tensors[index]._keras_history.operation
+    return compat.producing_operation(compat.inbound_nodes(layer)[0].input_tensors[index])
 
 
 def test_gates_after_bn_relu_and_shortcut_never_gated():
