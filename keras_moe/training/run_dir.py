@@ -7,7 +7,8 @@ run.json            how the run was started: seed, determinism, data folder, str
 command.txt         the command line that started it (and each resume)
 logs/               TensorBoard: losses, metrics, expert utilisation, gate density
 history.jsonl       one line per finished epoch: phase, epoch, logs
-backup/<phase>/     epoch-<E>.weights.h5 (weights and optimizer state after E epochs)
+backup/<phase>/     epoch-<E>.weights.h5 (weights and optimizer state after E epochs) and
+                    epoch-<E>.settings.json (layer settings that are not weights)
 checkpoints/<phase>.keras   the model (with optimizer state) after each finished phase
 model.keras         the trained model
 report.txt, report.json, report.png   the final report (see keras_moe.analysis.report)
@@ -258,6 +259,32 @@ def read_history(run_dir):
 # Epoch backups ---------------------------------------------------------------------------
 
 _BACKUP = re.compile(r"^epoch-(\d+)\.weights\.h5$")
+_BACKUP_FILE = re.compile(r"^epoch-(\d+)\.(?:weights\.h5|settings\.json)$")
+_SETTING_TYPES = (bool, int, float, str)
+
+
+def _layer_settings(model):
+    """`{layer: {key: value}}`: each layer's plain config values that are attributes too
+    (a gate's `temperature`), trainability aside (the phase settings set it)."""
+    from keras_moe.analysis import graph
+
+    found = {}
+    for layer in graph.layers(model):
+        values = {key: value for key, value in layer.get_config().items()
+                  if isinstance(value, _SETTING_TYPES) and key not in ("name", "trainable")
+                  and getattr(layer, key, None) == value}
+        if values:
+            found[layer.name] = values
+    return found
+
+
+def _restore_layer_settings(model, settings):
+    from keras_moe.analysis import graph
+
+    for layer in graph.layers(model):
+        for key, value in settings.get(layer.name, {}).items():
+            if getattr(layer, key, value) != value:
+                setattr(layer, key, value)
 
 
 def _readable_weights(path):
@@ -322,10 +349,12 @@ class BackupState:
 class EpochBackup(keras.callbacks.Callback):
     """Saves weights and optimizer state after every epoch, atomically; restores a backup.
 
-    After epoch E (0-based) it writes `epoch-<E+1>.weights.h5` (through a temporary file
-    and a rename), and only then deletes the backups older than the one before it: at
-    every moment the last complete backup, and the one before it, are on disk. With
-    `restore` (a `BackupState.path`) it loads that file when training begins.
+    After epoch E (0-based) it writes `epoch-<E+1>.settings.json` (layer settings that
+    are not weights, e.g. a t-SNE gate's temperature, which a phase's start sets) and
+    `epoch-<E+1>.weights.h5` (each through a temporary file and a rename), and only then
+    deletes the backups older than the one before it: at every moment the last complete
+    backup, and the one before it, are on disk. With `restore` (a `BackupState.path`) it
+    loads that backup when training begins.
 
     Args:
         backup_dir: The phase's backup folder.
@@ -344,13 +373,20 @@ class EpochBackup(keras.callbacks.Callback):
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         self.model.load_weights(self.restore)
+        settings = pathlib.Path(str(self.restore).replace(".weights.h5", ".settings.json"))
+        if settings.exists():
+            _restore_layer_settings(self.model, json.loads(settings.read_text()))
 
     def on_epoch_end(self, epoch, logs=None):
         self.backup_dir.mkdir(parents=True, exist_ok=True)
         done = epoch + 1
+        # The layer settings a phase may change without a weight (a t-SNE gate's
+        # temperature), then the weights: the weights file marks the backup complete.
+        atomic_write(self.backup_dir / f"epoch-{done}.settings.json",
+                     json.dumps(_layer_settings(self.model)))
         save_weights(self.model, self.backup_dir / f"epoch-{done}.weights.h5")
         for item in self.backup_dir.iterdir():
-            match = _BACKUP.match(item.name)
+            match = _BACKUP_FILE.match(item.name)
             if match and int(match.group(1)) < done - 1:
                 item.unlink()
 

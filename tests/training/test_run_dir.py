@@ -40,7 +40,8 @@ def test_backups_keep_the_previous_one_and_a_damaged_newest_falls_back(tmp_path)
     for epoch in range(3):
         backup.on_epoch_end(epoch)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
-        "epoch-2.weights.h5", "epoch-3.weights.h5"]
+        "epoch-2.settings.json", "epoch-2.weights.h5", "epoch-3.settings.json",
+        "epoch-3.weights.h5"]
     state = run_dir.BackupState.find(tmp_path / "b")
     assert state.epoch == 3 and not state.skipped
     newest = tmp_path / "b" / "epoch-3.weights.h5"
@@ -87,3 +88,28 @@ def test_run_settings_are_written_with_the_run_and_read_back(tmp_path):
     assert stored == settings and again.data.train_size == 64
     with pytest.raises(run_dir.RunDirectoryError, match="unfinished run.*--resume"):
         run_dir.prepare_run_dir(tmp_path / "run", recipe)
+
+
+def test_a_backup_restores_layer_settings_that_are_not_weights(tmp_path):
+    """The t-SNE phase sets the gate's temperature at its start; a resume inside the
+    phase does not redo that start, so the backup must carry it."""
+    from keras_moe import zoo
+
+    def build():
+        model = zoo.tsne_moe(num_experts=4, top_k=2, expert_units=2, map_hidden_units=(4,),
+                             input_shape=(4, 4, 1))
+        model.compile("adam", "sparse_categorical_crossentropy")
+        return model
+
+    model = build()
+    model.get_layer("gate").temperature = 0.37
+    backup = run_dir.EpochBackup(tmp_path / "b")
+    backup.set_model(model)
+    backup.on_epoch_end(0)
+    other = build()
+    assert other.get_layer("gate").temperature == 1.0
+    restore = run_dir.EpochBackup(tmp_path / "b",
+                                  restore=run_dir.BackupState.find(tmp_path / "b").path)
+    restore.set_model(other)
+    restore.on_train_begin()
+    assert other.get_layer("gate").temperature == 0.37
