@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from keras_moe import data  # noqa: E402
 from keras_moe.analysis import gating  # noqa: E402
-from keras_moe.training import phases  # noqa: E402
+from keras_moe.training import eigen as phases  # noqa: E402
 from keras_moe.zoo import eigen  # noqa: E402
 
 ROWS = {  # Table 1 rows in the paper's order

@@ -33,6 +33,7 @@ from keras_moe.layers.tsne_gate import (  # noqa: E402
     nearest_neighbour_sq_distance,
 )
 
+from keras_moe.analysis import gates as gate_reader  # noqa: E402
 from keras_moe.zoo import spatially_sparse as zoo_tsne
 
 CLASS_NAMES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
@@ -143,7 +144,7 @@ def main():
     def run(label, model, gate_cost):
         acc, seconds, losses = train(model, train_ds, x_test, y_test, args.epochs)
         if any(layer.name == "gate" for layer in model.layers):
-            gm = zoo_tsne.gate_model(model)
+            gm = gate_reader.gate_model(model, "gate", outputs="all")
             outs = gm.predict(x_test, batch_size=1000, verbose=0)
             gate_models[label] = (model, outs)
             used = float(zoo_tsne.weights_per_example(model, outs["dispatch_mask"]).mean())
@@ -156,7 +157,7 @@ def main():
     frozen.get_layer("gate").set_positions(positions)
     map_cost = kernel_count([tsne_map]) + 2 * args.experts
     # Weights used per example at the initial routing, to size the dense baselines.
-    init_mask = zoo_tsne.gate_model(frozen).predict(x_train, batch_size=1000,
+    init_mask = gate_reader.gate_model(frozen, "gate", outputs="all").predict(x_train, batch_size=1000,
                                                     verbose=0)["dispatch_mask"]
     used0 = float(zoo_tsne.weights_per_example(frozen, init_mask).mean())
     run("t-SNE gate, map frozen (paper)", frozen, map_cost)

@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 
 from keras_moe import data  # noqa: E402
 from keras_moe.analysis import activation_rates  # noqa: E402
-from keras_moe.zoo.two_domain import two_domain_gate_model, two_domain_moe  # noqa: E402
+from keras_moe.analysis import gates as gate_reader  # noqa: E402
+from keras_moe.zoo.two_domain import two_domain_moe  # noqa: E402
 
 GATE_LABELS = {"conv": "cnngate", "dense": "fcgate", "oracle": "baseline"}
 
@@ -65,7 +66,7 @@ def train_one(gate, loss, args, train, test):
     history = model.fit(_inputs(gate, x, d), y, batch_size=args.batch_size, epochs=args.epochs,
                         validation_data=(_inputs(gate, xt, dt), yt), shuffle=True, verbose=0)
     seconds = time.perf_counter() - start
-    gate_model = two_domain_gate_model(model)
+    gate_model = gate_reader.gate_model(model, "mixture")
     rates = [
         activation_rates(
             gate_model.predict(_inputs(gate, xs, ds), batch_size=512, verbose=0), ds,

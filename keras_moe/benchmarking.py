@@ -11,7 +11,9 @@ and times on this machine, with inputs drawn from the real data:
 
 Absolute times on a shared machine are noisy: compare models within one run (the
 repository's `benchmarks/` scripts print such side-by-side ratios; `run_suite` runs
-them). No number here is asserted by a test.
+them). Training steps run the recipe's first phase through the phase runner
+(`keras_moe.training.phases.run_phases`), so its settings apply as in `keras-moe train`
+(the t-SNE map is fitted first). No number here is asserted by a test.
 """
 
 from __future__ import annotations
@@ -117,25 +119,41 @@ def benchmark_recipe(recipe, *, batch_size=None, steps=20, repeats=50, data_dir=
     import keras
     import tensorflow as tf
 
-    from keras_moe import validation
+    from keras_moe import validation, zoo
     from keras_moe.analysis import flops
     from keras_moe.training import runner
+    from keras_moe.training.datasets import build_datasets
+    from keras_moe.training.phases import run_phases
 
+    from keras_moe.training.phases import check_phase_settings
+
+    check_phase_settings(recipe)
     steps = validation.positive_int("steps", steps)
     repeats = validation.positive_int("repeats", repeats)
     batch_size = recipe.data.batch_size if batch_size is None else validation.positive_int(
         "batch_size", batch_size)
-    recipe = recipe.override([f"data.train_size={batch_size}", f"data.batch_size={batch_size}",
+    # The recipe's examples (a thousand at most): phase settings may fit on them (the
+    # t-SNE map needs more examples than its perplexity); the steps use the first batch.
+    train_size = max(batch_size, min(recipe.data.train_size or 1024, 1024))
+    recipe = recipe.override([f"data.train_size={train_size}", f"data.batch_size={batch_size}",
                               "data.test_size=1"])
     keras.utils.set_random_seed(seed)
-    data = runner.build_datasets(recipe, data_dir=data_dir, seed=seed, probe_size=1)
+    data = build_datasets(recipe, data_dir=data_dir, seed=seed, probe_size=1)
     model = runner.build_model(recipe, data)
     runner.compile_model(model, recipe, data.steps_per_epoch)
-    runner.apply_phase(model, recipe.phases[0])
     x, y = next(iter(data.train_epochs(0, 1)))
+    timings = {}
 
-    model.train_on_batch(x, y)  # traces the training step
-    train = _timed(lambda: model.train_on_batch(x, y), steps)
+    def timed_steps(index, phase, start, stop, callbacks):
+        # The first phase's steps, as train runs them (its settings applied, e.g. the
+        # t-SNE map fitted first); the phase's controllers (callbacks) are not timed.
+        model.train_on_batch(x, y)  # traces the training step
+        timings["train"] = _timed(lambda: model.train_on_batch(x, y), steps)
+
+    first = dataclasses.replace(recipe.phases[0], epochs=1)
+    run_phases(model, [first], timed_steps, family=zoo.get_family(recipe.model.name),
+               data=data)
+    train = timings["train"]
 
     forward = tf.function(lambda inputs: model(inputs, training=False))
     forward(x)
@@ -156,19 +174,29 @@ def benchmark_recipe(recipe, *, batch_size=None, steps=20, repeats=50, data_dir=
     )
 
 
+# An installed wheel carries the suites inside the package (pyproject.toml maps the
+# repository's benchmarks/ folder there); a source checkout has them beside the package.
+SHIPPED_SUITES = pathlib.Path(__file__).resolve().parent / "_benchmark_suites"
+CHECKOUT_SUITES = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def suite_dir():
+    """Where the benchmark suites are: the package's own copy, else the checkout's."""
+    return SHIPPED_SUITES if SHIPPED_SUITES.is_dir() else CHECKOUT_SUITES
+
+
 def run_suite(name, arguments=()):
-    """Runs the repository's `benchmarks/<name>.py` with `arguments`; returns its status.
+    """Runs the benchmark suite `<name>.py` (the repository's `benchmarks/`, shipped in
+    the package) with `arguments`; returns its exit status.
 
     Raises:
-        ValueError: `name` is not one of `SUITES`, or the repository's `benchmarks/`
-            folder is not beside this package (an installed wheel has no benchmarks).
+        ValueError: `name` is not one of `SUITES`, or its script is missing.
     """
     if name not in SUITES:
         raise ValueError(f"suite must be one of {', '.join(SUITES)}, got {name!r}")
-    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    script = suite_dir() / f"{name}.py"
     if not script.is_file():
-        raise ValueError(
-            f"benchmark suite {name!r} needs the repository checkout: {script} does not "
-            "exist (install with `pip install -e .` from the repository)")
+        raise ValueError(f"benchmark suite {name!r}: {script} does not exist (a broken "
+                         "installation: reinstall keras-moe)")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     return subprocess.run([sys.executable, str(script), *arguments], env=env).returncode

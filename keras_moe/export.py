@@ -13,21 +13,18 @@ Choices:
   is taken in float32 over the last axis. A model that already ends in a softmax (e.g.
   `two_domain_moe(output="probabilities")`) is exported with `from_logits=False`, and
   its outputs are served as they are.
-- Gates come from the functional graph, not from a changed model: for each MoE layer
-  the export builds a symbolic tensor of its gates (the second output of a `MoEDense`
-  or `ExpertMixture` built with `return_gates=True`; otherwise the `MoEDense`'s own
-  gate applied to the layer's input; for a gate layer at the top of the graph,
-  `SoftmaxGate`, `NoisyTopKGate`, `ReLUGate` or `TSNEGate`, its `"gates"` output), then
-  one probe model from the inputs to the logits and all gates, so that each gate is
-  computed once, in the same inference pass (`training=False`: no gate noise) as the
-  probabilities. Models that wrap a functional network (`DeepMoEModel`, whose
-  `network` outputs a dict with `"logits"`) are read through that network.
+- Gates come from the functional graph, not from a changed model: the gate reader
+  (`keras_moe.analysis.gates.gate_tensors`, the `"moe"` and `"gate"` sites: every
+  `MoEDense` and `ExpertMixture`, and every gate layer called in the graph itself, e.g.
+  DeepMoE's gate heads) gives a symbolic tensor of each layer's gates, then one probe
+  model from the inputs to the logits and all gates computes each gate once, in the
+  same inference pass (`training=False`: no gate noise) as the probabilities.
 - Inputs: a model with one input serves it as `"images"`. A model with a dict of
   inputs serves its `"image"` input as `"images"` and every other input under its own
   name and dtype (the oracle `two_domain_moe` takes `"domain"`, int32).
 - An existing `path` is never replaced silently: `ValueError` unless `overwrite=True`;
   even then it is replaced only once the new SavedModel is completely written (into
-  a temporary directory beside it, then renamed).
+  a temporary directory beside it, then renamed). Missing parent folders are created.
 """
 
 import os
@@ -45,62 +42,26 @@ __all__ = ["GATES_PREFIX", "IMAGES", "PROBABILITIES", "SERVING_SIGNATURE",
            "export_saved_model", "gate_tensors"]
 
 
-def _is_functional(model):
-    from keras.src.models.functional import Functional
-
-    return isinstance(model, Functional)
-
-
 def _graph_and_logits(model):
     """The functional graph of `model` and the symbolic tensor of its logits."""
-    if _is_functional(model):
-        if len(model.outputs) != 1:
-            raise ValueError(
-                f"return_gates needs a model with one output (its logits); {model.name!r} "
-                f"has {len(model.outputs)}."
-            )
-        return model, model.outputs[0]
-    network = getattr(model, "network", None)
-    if network is not None and _is_functional(network):
-        outputs = network.output
-        if isinstance(outputs, dict) and "logits" in outputs:
-            return network, outputs["logits"]
-    raise ValueError(
-        f"return_gates needs a functional model (or one wrapping a functional `network` "
-        f"with a 'logits' output, like DeepMoEModel); got {type(model).__name__}."
-    )
+    from keras_moe.analysis import graph
 
-
-def _gates_output(layer):
-    """The symbolic `"gates"` tensor of one layer of a functional graph, or None."""
-    from keras_moe.layers.expert_mixture import ExpertMixture
-    from keras_moe.layers.gates import NoisyTopKGate, ReLUGate, SoftmaxGate
-    from keras_moe.layers.moe_dense import MoEDense
-    from keras_moe.layers.tsne_gate import TSNEGate
-
-    if isinstance(layer, (MoEDense, ExpertMixture)) and layer.return_gates:
-        return layer.output[1]
-    if isinstance(layer, MoEDense):
-        x = layer.input
-        if len(x.shape) > 2:
-            x = keras.ops.reshape(x, (-1, x.shape[-1]))
-        gates = layer.gate(x)["gates"]
-        if len(layer.input.shape) > 2:
-            gates = keras.ops.reshape(gates, (-1,) + tuple(layer.input.shape[1:-1])
-                                      + (layer.num_experts,))
-        return gates
-    if isinstance(layer, (SoftmaxGate, NoisyTopKGate, ReLUGate, TSNEGate)):
-        # Calling the layer again returns its dict (`layer.output` is flattened).
-        return layer(layer.input)["gates"]
-    return None
+    try:
+        functional = graph.functional(model)
+    except ValueError as error:
+        raise ValueError(f"return_gates needs a functional model: {error}") from None
+    if len(functional.outputs) != 1:
+        raise ValueError(
+            f"return_gates needs a model with one output (its logits); {model.name!r} "
+            f"has {len(functional.outputs)}.")
+    return functional, functional.outputs[0]
 
 
 def gate_tensors(model):
     """Symbolic gate tensors of every MoE layer of `model`, keyed `"gates_<layer name>"`.
 
     Args:
-        model: A functional Keras model, or a model wrapping a functional `network`
-            with a `"logits"` output (`DeepMoEModel`).
+        model: A functional Keras model (every zoo model, `DeepMoEModel` included).
 
     Returns:
         `(graph, logits, gates)`: the functional model read, its logits tensor and a
@@ -112,24 +73,22 @@ def gate_tensors(model):
     >>> sorted(gates)
     ['gates_moe_1', 'gates_moe_2']
     """
-    graph, logits = _graph_and_logits(model)
-    gates = {}
-    for layer in graph.layers:
-        tensor = _gates_output(layer)
-        if tensor is not None:
-            gates[GATES_PREFIX + layer.name] = tensor
-    return graph, logits, gates
+    from keras_moe.analysis import gates as gate_reader
+
+    functional, logits = _graph_and_logits(model)
+    gates = {GATES_PREFIX + name: tensor
+             for name, tensor in gate_reader.gate_tensors(functional).items()}
+    return functional, logits, gates
 
 
 def _input_specs(model):
     """[(signature name, model input name or None, shape, dtype)] of `model`'s inputs."""
-    source = model if _is_functional(model) else getattr(model, "network", model)
     try:
-        inputs = source.input
+        inputs = model.input
     except (AttributeError, ValueError) as error:
         raise ValueError(
-            f"export_saved_model needs a model with symbolic inputs (functional, or "
-            f"wrapping a functional `network`); {model.name!r} has none: {error}"
+            f"export_saved_model needs a model with symbolic inputs (a functional model, "
+            f"as every zoo model is); {model.name!r} has none: {error}"
         ) from None
     if isinstance(inputs, dict):
         if "image" not in inputs:
@@ -175,8 +134,9 @@ def export_saved_model(model, path, *, return_gates=False, overwrite=False,
         `path`, as a string.
 
     Raises:
-        ValueError: `path` exists and `overwrite` is False; `return_gates=True` on a
-            model whose graph cannot be read; a model without an image input.
+        ValueError: `model` is not a built Keras model; `path` exists and `overwrite`
+            is False; `return_gates=True` on a model whose graph cannot be read; a model
+            without an image input.
 
     Example:
 
@@ -188,6 +148,11 @@ def export_saved_model(model, path, *, return_gates=False, overwrite=False,
     """
     import tensorflow as tf
 
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"model must be a keras.Model (e.g. keras_moe.zoo.get_model(...) or "
+                         f"keras.saving.load_model(...)), got {type(model).__name__}")
+    if not model.built:
+        raise ValueError(f"model {model.name!r} is not built; call it on data first")
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
         raise ValueError(
@@ -227,6 +192,7 @@ def export_saved_model(model, path, *, return_gates=False, overwrite=False,
     archive.track(runner)
     archive.add_endpoint(SERVING_SIGNATURE, serve, input_signature=signature)
     # Written beside `path` first: an export that fails leaves an existing `path` intact.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(path.rstrip(os.sep)) + ".export-",
                                dir=os.path.dirname(os.path.abspath(path)))
     try:

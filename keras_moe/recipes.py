@@ -3,7 +3,8 @@
 A recipe is what `keras-moe train` runs and what `keras-moe tune` writes. The format is
 TOML, read with the standard library's `tomllib` (`tomli` on Python 3.10) and written
 with `tomli_w`. The recipes of the zoo live in the repository's top-level `zoo/` folder
-beside their model cards; `load_recipe("deepmoe_resnet56_cifar10")` finds them by name.
+beside their model cards, and ship inside the package (`keras_moe/_zoo_files/` of an
+installed wheel); `load_recipe("deepmoe_resnet56_cifar10")` finds them by name.
 
 Sections and keys (every key but `model.name` and one phase's `epochs` has a default;
 any other key is an error that names it and suggests the closest known key):
@@ -47,10 +48,11 @@ name = "constant"               # constant, step (x factor at each boundary epoc
 boundaries = []                 # step: epochs, counted over all phases
 factor = 0.1                    # step
 
-[[phases]]                      # one or more, run in order; epochs are numbered on
-name = "train"
+[[phases]]                      # one or more, run in order; epochs are numbered on;
+name = "train"                  # --set phases.N.key=value sets phase N, counted from 0
 epochs = 6
-# optional, from this phase on:
+# optional, from this phase on (each for the model families that define it,
+# keras_moe.zoo.ModelFamily.phase_settings):
 # freeze_gating = true          DeepMoE: freeze the embedding and every gate head
 # gate_l1 = 0.0                 DeepMoE lambda;  embedding_loss_weight = 0.0: mu
 # assignment_constraint = false Eigen et al.'s running-assignment constraint on/off
@@ -114,12 +116,22 @@ class RecipeError(ValueError):
     """A recipe that cannot be run: the message names the file, the key and what is allowed."""
 
 
+PHASE_SETTINGS = ("freeze_gating", "gate_l1", "embedding_loss_weight", "assignment_constraint",
+                  "gate_density_target", "tsne_map_epochs")
+
+# An installed wheel carries the zoo's recipes inside the package (pyproject.toml maps the
+# repository's zoo/ folder there); a source checkout has them in zoo/ beside the package.
+SHIPPED_ZOO = pathlib.Path(__file__).resolve().parent / "_zoo_files"
+CHECKOUT_ZOO = pathlib.Path(__file__).resolve().parent.parent / "zoo"
+
+
 def recipe_dir():
-    """The zoo's recipe folder: `$KERAS_MOE_RECIPES`, else the repository's `zoo/`."""
+    """The zoo's recipe folder: `$KERAS_MOE_RECIPES`, else the package's own copy (an
+    installed wheel), else the source checkout's `zoo/`."""
     env = os.environ.get("KERAS_MOE_RECIPES")
     if env:
         return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parent.parent / "zoo"
+    return SHIPPED_ZOO if SHIPPED_ZOO.is_dir() else CHECKOUT_ZOO
 
 
 def list_recipes():
@@ -293,20 +305,35 @@ class Recipe:
     paper: str = ""
     model_card: str = ""
     source: str = ""
+    overrides: tuple = ()
 
     @property
     def total_epochs(self):
         return sum(p.epochs for p in self.phases)
 
+    @property
+    def origin(self):
+        """Where the recipe came from, with the `--set` assignments applied to it."""
+        if not self.overrides:
+            return self.source
+        return f"{self.source} with --set {' '.join(self.overrides)}"
+
     @classmethod
-    def from_dict(cls, table, *, source="<recipe>", default_name=None):
+    def from_dict(cls, table, *, source="<recipe>", default_name=None, overrides=()):
         """Checks a recipe given as nested dicts (what `tomllib` returns).
+
+        Args:
+            table: The recipe's sections.
+            source: Where it came from (a file, a zoo model), for messages.
+            default_name: The name when `[recipe] name` is absent.
+            overrides: The `section.key=value` assignments already applied to `table`.
 
         Raises:
             RecipeError: An unknown section or key (named, with the closest known one),
                 a value of the wrong type or out of range, a model not in the zoo.
         """
-        where = source
+        overrides = tuple(overrides)
+        where = f"{source} (with --set {' '.join(overrides)})" if overrides else source
         for key in table:
             if key not in _SECTIONS:
                 raise _unknown(where, key, _SECTIONS)
@@ -394,7 +421,8 @@ class Recipe:
         _check(total > 0, f"{where}: the phases have 0 epochs in all")
         return cls(name=name, model=model, data=data, optimizer=opt, schedule=schedule,
                    phases=tuple(phases), description=about["description"],
-                   paper=about["paper"], model_card=about["model_card"], source=str(source))
+                   paper=about["paper"], model_card=about["model_card"], source=str(source),
+                   overrides=overrides)
 
     def to_dict(self):
         """The recipe as nested dicts, ready for `tomli_w` (defaults written out)."""
@@ -416,7 +444,8 @@ class Recipe:
 
     def override(self, assignments):
         """A new recipe with `section.key=value` assignments applied (values in TOML syntax,
-        bare words taken as strings); `phases.N.key` sets a key of phase N.
+        bare words taken as strings); `phases.N.key` sets a key of phase N, N counted
+        from 0. The result's `overrides` lists every assignment made so far.
 
         Raises:
             RecipeError: A malformed assignment, or a result that fails the checks.
@@ -431,7 +460,8 @@ class Recipe:
             for depth, part in enumerate(parts[:-1]):
                 if isinstance(node, list):
                     _check(part.isdigit() and int(part) < len(node),
-                           f"--set {key}: phase index must be 0..{len(node) - 1}, got {part!r}")
+                           f"--set {key}: phase index must be 0..{len(node) - 1} (phases "
+                           f"count from 0), got {part!r}")
                     node = node[int(part)]
                 else:
                     _check(part in _SECTIONS,
@@ -440,7 +470,8 @@ class Recipe:
                     node = node.setdefault(part, {})
             _check(len(parts) >= 2, f"--set {key}: expected section.key=value")
             node[parts[-1]] = value
-        return Recipe.from_dict(table, source=f"{self.source} (with --set)")
+        return Recipe.from_dict(table, source=self.source,
+                                overrides=self.overrides + tuple(assignments))
 
 
 def _parse_value(text):

@@ -135,3 +135,72 @@ learning_rate = 0.05
 name = "train"
 epochs = 2
 """
+
+# A tiny noisy top-k MoE recipe on the real Fashion-MNIST, for the command-line and data
+# tests; and a tiny two-phase Eigen recipe (the constraint on, then off).
+TINY_SPARSE_RECIPE = """
+[recipe]
+name = "tiny_sparse"
+description = "tiny"
+paper = "test"
+
+[model]
+name = "sparse_moe_classifier"
+num_experts = 4
+top_k = 2
+units = 16
+
+[losses]
+importance_weight = 0.1
+load_weight = 0.1
+
+[data]
+dataset = "fashion_mnist"
+batch_size = 64
+train_size = 512
+test_size = 256
+
+[[phases]]
+name = "train"
+epochs = 2
+"""
+
+TINY_EIGEN_RECIPE = """
+[recipe]
+name = "tiny_eigen"
+
+[model]
+name = "dmoe_mnist"
+experts = [3, 2]
+units = [16, 8]
+gate_hidden_units = [8, 4]
+assignment_margin = 20.0
+
+[data]
+dataset = "fashion_mnist"
+batch_size = 64
+train_size = 512
+test_size = 64
+normalize = "none"
+
+[optimizer]
+name = "adam"
+learning_rate = 0.002
+
+[[phases]]
+name = "constrained"
+epochs = 2
+assignment_constraint = true
+
+[[phases]]
+name = "free"
+epochs = 2
+assignment_constraint = false
+"""
+
+
+def write_recipe(folder, text, name="recipe.toml"):
+    """Writes a recipe's text into `folder`; returns its path as a string."""
+    path = folder / name
+    path.write_text(text)
+    return str(path)

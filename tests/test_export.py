@@ -27,6 +27,8 @@ WORKERS = os.path.join(os.path.dirname(__file__), "_workers")
 sys.path.insert(0, WORKERS)
 import tiny_zoo  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports served by fresh processes
+
 SLOW_EXPORTS = {"deepmoe_resnet34", "deepmoe_resnet50", "deepmoe_resnet56",
                 "deepmoe_resnet110", "resnet18", "resnet34", "resnet50", "resnet56",
                 "resnet110", "vgg16"}

@@ -32,6 +32,8 @@ WORKERS = os.path.join(os.path.dirname(__file__), "_workers")
 sys.path.insert(0, WORKERS)
 import two_domain_training as training  # noqa: E402
 
+pytestmark = pytest.mark.slow  # several processes
+
 
 def _initial_weights(gate_loss):
     import keras

@@ -17,9 +17,11 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe.training import runner
+from keras_moe.training import run_dir, runner
 
 from conftest import TINY_TWO_DOMAIN_RECIPE, finish_all, free_ports
+
+pytestmark = pytest.mark.slow  # several processes
 
 RECIPE = TINY_TWO_DOMAIN_RECIPE
 
@@ -65,7 +67,7 @@ def test_two_worker_cli_run_matches_one_process(tmp_path):
     assert not (multi / "saved_model").exists()  # --no-export
     assert (multi / "command.txt").read_text().count("keras-moe train") == 1
 
-    got, want = runner.read_history(multi), runner.read_history(single)
+    got, want = run_dir.read_history(multi), run_dir.read_history(single)
     assert [(r["phase"], r["epoch"]) for r in got] == [("train", 0), ("train", 1)]
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-4)

@@ -169,6 +169,7 @@ def test_a_bare_zoo_model_gets_a_recipe_on_the_default_data():
     assert (deep.data.pad_to, deep.data.channels) == (32, 3)  # RGB conv nets: 32x32x3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["train", "sparse_moe_fashon_mnist"], "Did you mean 'sparse_moe_fashion_mnist'"),
     (["train", "deepmoe_resnet5"], "Did you mean 'deepmoe_resnet56'"),
@@ -185,6 +186,7 @@ def test_cli_names_what_is_wrong_and_exits_2(argv, message, capsys):
     assert re.search(message, err), err
 
 
+@pytest.mark.slow
 def test_list_shows_recipes_with_their_descriptions(capsys):
     assert cli.main(["list", "--recipes"]) == 0
     out = capsys.readouterr().out

@@ -6,7 +6,8 @@ Three functions:
   convolution and dense layer of any Keras model, from the layer configs and the
   tensor shapes of the functional graph.
 - `gate_density(model, data)`: for a DeepMoE model, the fraction of gates > 0 of every
-  gated convolution, averaged over examples and channels.
+  gated convolution, averaged over examples and channels (the gate reader's,
+  `keras_moe.analysis.gates`).
 - `effective_flops(model, data)`: DeepMoE's cost when the gated-off channels are skipped.
 
 What is counted (one multiply-add = one "FLOP", the convention of the DeepMoE paper's
@@ -57,11 +58,13 @@ Reference:
 
 import dataclasses
 import math
-import weakref
 
 import keras
 import numpy as np
 
+from keras_moe.analysis import gates as gate_reader
+from keras_moe.analysis import graph
+from keras_moe.analysis.gates import densities, gate_density  # noqa: F401 (re-exported)
 from keras_moe.layers.gated_conv import GatedConv2D
 from keras_moe.layers.gated_conv import ShallowEmbedding
 from keras_moe.layers.expert_mixture import ExpertMixture
@@ -87,28 +90,13 @@ _PER_CHANNEL = (
 
 
 def _network(model):
-    """The functional graph to analyse: `model.network` for a DeepMoEModel, else model."""
-    network = getattr(model, "network", None)
-    if isinstance(network, keras.Model) and hasattr(network, "_nodes_by_depth"):
-        return network
-    return model
+    """The functional graph to analyse (`DeepMoEModel` is functional itself)."""
+    return graph.functional(model)
 
 
 def _nodes(model):
     """The call nodes of a functional model in topological order (inputs first)."""
-    by_depth = getattr(model, "_nodes_by_depth", None)
-    if by_depth is None:
-        raise ValueError(
-            f"{model!r} is not a functional model (no graph of layer calls); build it with "
-            "keras.Input / keras.Model(inputs, outputs) or keras.Sequential with an input "
-            "shape"
-        )
-    nodes = []
-    for depth in sorted(by_depth, reverse=True):
-        for node in by_depth[depth]:
-            if node.operation is not None and not node.is_input:
-                nodes.append(node)
-    return nodes
+    return graph.call_nodes(model)
 
 
 def _shape(tensor):
@@ -191,9 +179,8 @@ def _moe_dense_macs(layer, in_shape):
 
 def _sublayer_macs(layer, in_shape):
     """MACs of a layer called on `in_shape` outside any graph we can read."""
-    layer = getattr(layer, "_functional", None) or layer  # a built Sequential's graph
-    if isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth"):
-        return sum(_graph_macs(layer).values())
+    if isinstance(layer, keras.Model) and graph.has_graph(layer):  # a Sequential too
+        return sum(_graph_macs(graph.functional(layer)).values())
     out_shape = tuple(layer.compute_output_shape(in_shape))
     macs = _dense_macs(layer, in_shape)
     if macs is None:
@@ -203,10 +190,10 @@ def _sublayer_macs(layer, in_shape):
 
 def _node_macs(node):
     """{name: MACs} of one call node (a nested model gives one entry per inner layer)."""
-    layer = node.operation
-    inputs = node.input_tensors
-    if isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth"):
-        return {f"{layer.name}/{k}": v for k, v in _graph_macs(layer).items()}
+    layer = graph.operation(node)
+    inputs = graph.call_inputs(node)
+    if isinstance(layer, keras.Model) and graph.has_graph(layer):
+        return {f"{layer.name}/{k}": v for k, v in _graph_macs(graph.functional(layer)).items()}
     if not inputs:
         return {}
     in_shape = _shape(inputs[0])
@@ -221,8 +208,8 @@ def _node_macs(node):
             parts[f"{layer.name}/gate"] = _sublayer_macs(layer.gate, in_shape)
         return parts
     macs = _dense_macs(layer, in_shape)
-    if macs is None and node.outputs:
-        macs = _conv_macs(layer, in_shape, _shape(node.outputs[0]))
+    if macs is None and graph.call_outputs(node):
+        macs = _conv_macs(layer, in_shape, _shape(graph.call_outputs(node)[0]))
     return {} if macs is None else {layer.name: macs}
 
 
@@ -270,104 +257,13 @@ def static_flops(model, by_layer=False):
 # Gates ---------------------------------------------------------------------------------
 
 
-def _gated_nodes(network):
-    return [n for n in _nodes(network) if isinstance(n.operation, GatedConv2D)]
-
-
-def _as_batches(data, batch_size):
-    """Yields numpy image batches from arrays, (x, y) tuples or a tf.data.Dataset."""
-    if isinstance(data, tuple) and len(data) in (2, 3):
-        data = data[0]
-    if not hasattr(data, "element_spec"):
-        array = np.asarray(data)
-        for start in range(0, len(array), batch_size):
-            yield array[start:start + batch_size]
-        return
-    for item in data:
-        if isinstance(item, (tuple, list)):
-            item = item[0]
-        if isinstance(item, dict):
-            raise ValueError("data must yield images or (images, labels), not dicts")
-        yield np.asarray(item)
-
-
-# network -> (gated conv names, model from the images to their gates); built once per
-# network (GateDensityTarget measures often).
-_GATE_MODELS = weakref.WeakKeyDictionary()
-
-
-def _gate_model(network):
-    cached = _GATE_MODELS.get(network)
-    if cached is None:
-        nodes = _gated_nodes(network)
-        if not nodes:
-            raise ValueError(f"{network!r} has no GatedConv2D layer")
-        probe = keras.Model(network.input, [n.input_tensors[1] for n in nodes])
-        cached = ([n.operation.name for n in nodes], probe)
-        _GATE_MODELS[network] = cached
-    return cached
-
-
 def gate_values(model, data, batch_size=256):
     """The gate values of every gated convolution of a DeepMoE model on `data`.
 
-    Args:
-        model: A `DeepMoEModel` (or its functional `network`).
-        data: Images `(N, H, W, C)`, an `(images, labels)` tuple, or a `tf.data.Dataset`
-            of images or `(images, labels)` batches.
-        batch_size: Batch size for arrays.
-
-    Returns:
-        `{GatedConv2D name: float32 array (N, C_in)}`, in the network's order.
-
-    Example:
-
-    >>> gates = gate_values(model, x_test[:256])
+    `keras_moe.analysis.gates.gate_values(model, data, kinds=("gated_conv",))`: see
+    there. Returns `{GatedConv2D name: float32 array (N, C_in)}`, in the network's order.
     """
-    names, probe = _gate_model(_network(model))
-    parts = [[] for _ in names]
-    for batch in _as_batches(data, batch_size):
-        outputs = probe(batch, training=False)
-        for i, out in enumerate(outputs):
-            parts[i].append(keras.ops.convert_to_numpy(out))
-    if not parts[0]:
-        raise ValueError("data is empty")
-    return {name: np.concatenate(p) for name, p in zip(names, parts)}
-
-
-def gate_density(model, data, overall=False, batch_size=256):
-    """Fraction of open gates (> 0) of every gated convolution of a DeepMoE model.
-
-    Args:
-        model: A `DeepMoEModel` (or its functional `network`).
-        data: Images, `(images, labels)`, or a `tf.data.Dataset` (see `gate_values`).
-        overall: Return one number instead: open gates over all gated channels of all
-            layers (each channel weighs the same), averaged over examples.
-        batch_size: Batch size for arrays.
-
-    Returns:
-        `{GatedConv2D name: density in [0, 1]}` (mean over examples and channels), or
-        the overall density (float).
-
-    Example:
-
-    >>> gate_density(model, x_test[:512], overall=True)
-    0.47
-
-    Reference:
-        Wang et al., "Deep Mixture of Experts via Shallow Embedding", UAI 2019, sec. 5.1.1
-        ("on average half of the convolutional channels are selected").
-    """
-    per_layer, total = densities(gate_values(model, data, batch_size=batch_size))
-    return total if overall else per_layer
-
-
-def densities(gates):
-    """`(per-layer densities, overall density)` of gate values from `gate_values`: the
-    numbers of `gate_density` from one pass over the data."""
-    open_ = sum(float((g > 0).sum()) for g in gates.values())
-    total = sum(g.size for g in gates.values())
-    return {name: float((g > 0).mean()) for name, g in gates.items()}, open_ / total
+    return gate_reader.gate_values(model, data, kinds=("gated_conv",), batch_size=batch_size)
 
 
 # Effective cost ---------------------------------------------------------------------------
@@ -395,16 +291,7 @@ class EffectiveFlops:
         return self.total / self.static
 
 
-def _consumers(nodes):
-    """{id(tensor): [(node, position in node.input_tensors)]}."""
-    found = {}
-    for node in nodes:
-        for position, tensor in enumerate(node.input_tensors):
-            found.setdefault(id(tensor), []).append((node, position))
-    return found
-
-
-def _next_gates(tensor, consumers, outputs):
+def _next_gates(tensor, consumers):
     """The GatedConv2D nodes whose feature input `tensor` reaches through per-channel
     layers, or None if some path goes anywhere else (then every channel counts)."""
     gated, stack, seen = [], [tensor], set()
@@ -413,19 +300,19 @@ def _next_gates(tensor, consumers, outputs):
         if id(t) in seen:
             continue
         seen.add(id(t))
-        if id(t) in outputs:
-            return None
         uses = consumers.get(id(t), [])
         if not uses:
             return None
         for node, position in uses:
-            layer = node.operation
+            if node is None:  # a model output
+                return None
+            layer = graph.operation(node)
             if isinstance(layer, GatedConv2D):
                 if position != 0:
                     return None
                 gated.append(node)
-            elif isinstance(layer, _PER_CHANNEL) and len(node.input_tensors) == 1:
-                stack.extend(node.outputs)
+            elif isinstance(layer, _PER_CHANNEL) and len(graph.call_inputs(node)) == 1:
+                stack.extend(graph.call_outputs(node))
             else:
                 return None
     return gated or None
@@ -459,18 +346,17 @@ def effective_flops(model, data, batch_size=256):
     """
     network = _network(model)
     nodes = _nodes(network)
-    gated = [n for n in nodes if isinstance(n.operation, GatedConv2D)]
+    gated = [n for n in nodes if isinstance(graph.operation(n), GatedConv2D)]
     if not gated:
         raise ValueError(f"{model!r} has no GatedConv2D layer")
     values = gate_values(network, data, batch_size=batch_size)
-    open_ = {n.operation.name: values[n.operation.name] > 0 for n in gated}
+    open_ = {graph.operation(n).name: values[graph.operation(n).name] > 0 for n in gated}
     count = len(next(iter(open_.values())))
-    consumers = _consumers(nodes)
-    outputs = {id(t) for t in network.outputs}
+    consumers = graph.consumers(nodes, network.outputs)
 
     by_layer, gating = {}, 0
     for node in nodes:
-        layer = node.operation
+        layer = graph.operation(node)
         if isinstance(layer, keras.Model):
             raise ValueError(
                 f"effective_flops needs a flat network; {layer.name!r} is a nested model"
@@ -484,7 +370,8 @@ def effective_flops(model, data, batch_size=256):
                 if isinstance(layer, (ShallowEmbedding, ReLUGate)):
                     gating += int(macs)
             continue
-        in_shape, out_shape = _shape(node.input_tensors[0]), _shape(node.outputs[0])
+        in_shape = _shape(graph.call_inputs(node)[0])
+        out_shape = _shape(graph.call_outputs(node)[0])
         data_format = getattr(layer, "data_format", "channels_last")
         groups = getattr(layer, "groups", 1)
         per_pair = _prod(layer.kernel_size) * _prod(_spatial(out_shape, data_format))
@@ -493,13 +380,13 @@ def effective_flops(model, data, batch_size=256):
             active_in = open_[layer.name].sum(axis=1).astype(np.float64)
         else:
             active_in = np.full(count, float(c_in))
-        following = _next_gates(node.outputs[0], consumers, outputs)
+        following = _next_gates(graph.call_outputs(node)[0], consumers)
         if following is None:
             active_out = np.full(count, float(layer.filters))
         else:
-            keep = np.zeros_like(open_[following[0].operation.name])
+            keep = np.zeros_like(open_[graph.operation(following[0]).name])
             for nxt in following:
-                keep = keep | open_[nxt.operation.name]
+                keep = keep | open_[graph.operation(nxt).name]
             active_out = keep.sum(axis=1).astype(np.float64)
         macs = per_pair * (active_in / groups) * active_out
         by_layer[layer.name] = float(macs.mean())

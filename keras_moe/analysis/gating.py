@@ -17,8 +17,8 @@ and integer group labels of shape (examples,) (class, domain, translation cell, 
   `matplotlib.figure.Figure` objects drawn on the non-interactive Agg canvas: no
   display needed and no change to pyplot's global backend; save with
   `fig.savefig(path)`.
-- `gating_model(model)`: a model from the inputs to the gates of every `MoEDense`
-  built with `return_gates=True`.
+- `gating_model(model)`: a model from the inputs to the gates of every MoE layer (the
+  gate reader's, `keras_moe.analysis.gates`).
 
 Reference:
     Eigen, Ranzato & Sutskever, "Learning Factored Representations in a Deep Mixture
@@ -272,38 +272,30 @@ def top_examples_per_combination(gates1, gates2, k=9):
 
 
 def gating_model(model):
-    """A model from `model`'s inputs to the gates of each of its `MoEDense` layers.
+    """A model from `model`'s inputs to the gates of each of its MoE layers.
 
-    Only `MoEDense` layers built with `return_gates=True` (every layer of the
-    `keras_moe.zoo.eigen` builders) in a functional model are found, in layer order.
+    The gate reader's (`keras_moe.analysis.gates`) MoE sites: every `MoEDense` and
+    `ExpertMixture` of a functional model, in graph order.
 
     Args:
         model: A functional Keras model.
 
     Returns:
-        A `keras.Model` with one (batch, experts) output per `MoEDense` (a list of
-        arrays from `predict`, or one array with a single `MoEDense`).
+        A `keras.Model` with one (batch, experts) output per MoE layer (a list of
+        arrays from `predict`, or one array with a single MoE layer).
 
     Example:
 
     >>> gates1, gates2 = gating_model(eigen.dmoe_mnist()).predict(images)
     """
-    import keras
+    from keras_moe.analysis import gates as gate_reader
+    from keras_moe.analysis import graph
 
-    from keras_moe.layers import MoEDense
-
-    outputs = [
-        layer.output[1]
-        for layer in model.layers
-        if isinstance(layer, MoEDense) and layer.return_gates
-    ]
+    outputs = list(gate_reader.gate_tensors(model, kinds=("moe",)).values())
     if not outputs:
-        raise ValueError(
-            "model has no MoEDense layer with return_gates=True whose gates can be read"
-        )
-    inputs = model.inputs if len(model.inputs) > 1 else model.inputs[0]
-    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0],
-                       name=f"{model.name}_gates")
+        raise ValueError("model has no MoEDense or ExpertMixture layer whose gates can be read")
+    return graph.submodel(model, outputs if len(outputs) > 1 else outputs[0],
+                          name=f"{model.name}_gates")
 
 
 # Figures ----------------------------------------------------------------------------------

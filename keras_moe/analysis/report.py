@@ -28,19 +28,14 @@ def probabilities(model, images, batch_size=256):
         keras.ops.softmax(keras.ops.cast(logits, "float32"), axis=-1))
 
 
-def _deepmoe(model):
-    from keras_moe.zoo.deepmoe import DeepMoEModel
-
-    return isinstance(model, DeepMoEModel)
-
-
 def make_report(model, data, history=(), *, recipe=None, seconds=None):
     """Evaluates `model` on `data.test` and collects what the report shows.
 
     Args:
         model: A compiled Keras model (any zoo model).
         data: A `keras_moe.training.runner.RecipeData`.
-        history: Rows of `history.jsonl` (dicts with `phase`, `epoch` and the logs).
+        history: Rows of `history.jsonl` (dicts with `phase`, `epoch` and the logs), or
+            None when the model's training history is unknown (a bare `.keras` file).
         recipe: The `keras_moe.recipes.Recipe` that was run, if any.
         seconds: Training time, if known.
 
@@ -51,10 +46,11 @@ def make_report(model, data, history=(), *, recipe=None, seconds=None):
         density overall and per gated conv, effective MACs, on the probe) and what
         was run.
     """
-    from keras_moe.analysis import flops
-    from keras_moe.training.callbacks import gate_statistics, moe_layers
+    from keras_moe.analysis import flops, gates, graph
 
     test = model.evaluate(data.test, verbose=0, return_dict=True)
+    known = history is not None
+    history = list(history or ())
     report = {
         "model": model.name,
         "recipe": recipe.name if recipe is not None else None,
@@ -62,7 +58,7 @@ def make_report(model, data, history=(), *, recipe=None, seconds=None):
         "data_source": data.source,
         "train_examples": data.train_examples,
         "test_examples": data.test_examples,
-        "epochs": len(history),
+        "epochs": len(history) if known else None,
         "phases": _phase_spans(history),
         "training_seconds": seconds,
         "parameters": int(model.count_params()),
@@ -73,15 +69,15 @@ def make_report(model, data, history=(), *, recipe=None, seconds=None):
 
     uncounted = (TSNEGate, ExpertClusters)  # static_flops does not count them
     try:
-        if any(isinstance(layer, uncounted) for layer in model._flatten_layers()):
+        if any(isinstance(layer, uncounted) for layer in graph.layers(model, include_self=True)):
             report["static_macs"] = None
         else:
             report["static_macs"] = int(flops.static_flops(model))
     except (ValueError, TypeError):
         report["static_macs"] = None
     report["moe"] = {}
-    if moe_layers(model):
-        for name, stats in gate_statistics(model, data.probe).items():
+    if gates.moe_layers(model):
+        for name, stats in gates.gate_statistics(model, data.probe).items():
             report["moe"][name] = {
                 "share": [float(s) for s in stats["share"]],
                 "importance_cv": stats["importance_cv"],
@@ -89,14 +85,15 @@ def make_report(model, data, history=(), *, recipe=None, seconds=None):
                 "gate_entropy": stats["gate_entropy"],
             }
     report["deepmoe"] = None
-    if _deepmoe(model):
-        per_layer, overall = flops.densities(flops.gate_values(model, data.probe))
+    if gates.gated_convolutions(model):
+        per_layer, overall = gates.densities(
+            gates.gate_values(model, data.probe, kinds=("gated_conv",)))
         report["deepmoe"] = {
             "gate_density": float(overall),
             "gate_density_per_layer": {k: float(v) for k, v in per_layer.items()},
             "effective_macs": float(flops.effective_flops(model, data.probe).total),
-            "gate_l1": float(model.gate_l1),
-            "embedding_loss_weight": float(model.embedding_loss_weight),
+            "gate_l1": float(getattr(model, "gate_l1", 0.0)),
+            "embedding_loss_weight": float(getattr(model, "embedding_loss_weight", 0.0)),
         }
     return report
 
@@ -133,8 +130,13 @@ def format_report(report):
                                      if p["last_epoch"] > p["first_epoch"] else "")
         for p in report["phases"])
     took = report["training_seconds"]
-    lines.append(f"trained {report['epochs']} epoch{'s' if report['epochs'] != 1 else ''}" + (f" ({phases})" if phases else "")
-                 + (f" in {took:.0f} s" if took is not None else ""))
+    if report["epochs"] is None:
+        lines.append("trained for an unknown number of epochs (no run directory with a "
+                     "history beside the model)")
+    else:
+        lines.append(f"trained {report['epochs']} epoch{'s' if report['epochs'] != 1 else ''}"
+                     + (f" ({phases})" if phases else "")
+                     + (f" in {took:.0f} s" if took is not None else ""))
     lines.append(f"parameters {report['parameters']:,}; static MACs per example "
                  f"{_macs(report['static_macs'])}")
     test = report["test"]
@@ -213,12 +215,18 @@ def plot_report(report, history, path):
 
 
 def write_report(report, history, run_dir):
-    """Writes `report.txt`, `report.json` and `report.png` into `run_dir`; returns the text."""
+    """Writes `report.txt`, `report.json` and `report.png` into `run_dir` (each
+    atomically: a temporary file, fsynced, renamed); returns the text."""
     import pathlib
+    import tempfile
+
+    from keras_moe.training.run_dir import atomic_write
 
     run_dir = pathlib.Path(run_dir)
     text = format_report(report)
-    (run_dir / "report.txt").write_text(text + "\n")
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_report(report, history, run_dir / "report.png")
+    atomic_write(run_dir / "report.txt", text + "\n")
+    atomic_write(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(dir=run_dir) as scratch:
+        image = plot_report(report, history or [], pathlib.Path(scratch) / "report.png")
+        atomic_write(run_dir / "report.png", image.read_bytes())
     return text

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from keras_moe import validation
+from keras_moe.analysis import graph
 from keras_moe.layers.gated_conv import ShallowEmbedding
 
 # A coarse grouping of the Fashion-MNIST classes (our choice, for the offline stand-in):
@@ -40,24 +41,16 @@ FASHION_MNIST_GROUPS = (0, 2, 0, 0, 0, 1, 0, 1, 3, 1)
 
 
 def _network(model):
+    """The graph with the logits as an output: a DeepMoE's `network` view, or `model`."""
     network = getattr(model, "network", model)
-    if not hasattr(network, "_nodes_by_depth"):
+    if not graph.has_graph(network):
         raise ValueError(f"{model!r} is not a DeepMoE model with a functional network")
-    return network
-
-
-def _nodes(network):
-    by_depth = network._nodes_by_depth
-    return [
-        node
-        for depth in sorted(by_depth, reverse=True)
-        for node in by_depth[depth]
-        if node.operation is not None and not node.is_input
-    ]
+    return graph.functional(network)
 
 
 def _embedding_node(network):
-    found = [n for n in _nodes(network) if isinstance(n.operation, ShallowEmbedding)]
+    found = [n for n in graph.call_nodes(network)
+             if isinstance(graph.operation(n), ShallowEmbedding)]
     if len(found) != 1:
         raise ValueError(
             f"the network must call exactly one ShallowEmbedding, found {len(found)}"
@@ -67,8 +60,7 @@ def _embedding_node(network):
 
 def _named_outputs(node):
     """{"probs": tensor, "logits": tensor} of a ShallowEmbedding call node."""
-    names = keras.tree.flatten({"probs": "probs", "logits": "logits"})
-    return dict(zip(names, node.outputs))
+    return graph.named_outputs(node, {"probs": 0, "logits": 0})
 
 
 def _logits_tensor(network):
@@ -119,20 +111,18 @@ def substituted_embedding_model(model):
     """
     network = _network(model)
     embedding_node = _embedding_node(network)
-    num_classes = embedding_node.operation.num_classes
+    num_classes = graph.operation(embedding_node).num_classes
     images = keras.Input(tuple(network.input.shape[1:]), name="images")
     e = keras.Input((num_classes,), name="embedding")
     tensors = {id(network.input): images}
-    for node in _nodes(network):
+    for node in graph.call_nodes(network):
         if node is embedding_node:
             # Only `probs` feeds the gates; `logits` (the loss input) is left unmapped.
             tensors[id(_named_outputs(node)["probs"])] = e
             continue
-        if any(id(t) not in tensors for t in node.input_tensors):
+        if any(id(t) not in tensors for t in graph.call_inputs(node)):
             continue  # depends on the embedding logits only
-        args, kwargs = node.arguments.fill_in(tensors)
-        outputs = node.operation(*args, **kwargs)
-        for old, new in zip(node.outputs, keras.tree.flatten(outputs)):
+        for old, new in zip(graph.call_outputs(node), graph.run_node(node, tensors)):
             tensors[id(old)] = new
     logits = tensors.get(id(_logits_tensor(network)))
     if logits is None:

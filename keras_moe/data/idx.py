@@ -245,7 +245,9 @@ def find_idx_files(directory: str) -> Dict[str, Tuple[str, str]]:
     """Finds IDX image/label pairs in a directory by their content.
 
     Every regular file whose header parses as IDX is classified as images
-    (rank >= 3, uint8) or labels (rank 1). Images and labels with the same count
+    (rank >= 3, uint8) or labels (rank 1); a file named like an IDX file (``*ubyte*``)
+    whose header does not parse raises `IDXFormatError` naming it (other files are
+    ignored). Images and labels with the same count
     are paired. The split comes from the file name (``train``; ``t10k`` or
     ``test``); when names say nothing, the larger pair is ``train`` and the
     smaller ``test``.
@@ -274,7 +276,9 @@ def find_idx_files(directory: str) -> Dict[str, Tuple[str, str]]:
             continue
         try:
             dtype, shape = read_idx_header(p)
-        except IDXFormatError:
+        except IDXFormatError as error:
+            if "ubyte" in name.lower():  # named as an IDX file: corrupt, not unrelated
+                raise IDXFormatError(f"corrupt IDX file: {error}") from None
             continue
         if len(shape) >= 3 and dtype == np.uint8:
             images.append((p, shape[0]))

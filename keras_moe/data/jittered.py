@@ -173,8 +173,7 @@ def load_jittered_mnist(
     except _sources.DataNotFoundError as e:
         if not (allow_stand_in and base == "mnist"):
             raise
-        x, y, where = _sources.load_numpy("fashion_mnist", split, data_dir, "auto", download=False,
-                                          return_source=True)
+        x, y, where = _sources.load_stand_in("fashion_mnist", split, data_dir)
         desc = f"stand-in: fashion_mnist ({where}) because mnist was not found"
         warnings.warn(f"jittered MNIST: {desc}. {str(e).splitlines()[0]}", stacklevel=2)
     js = jitter(x, y, max_shift, seed=TEST_SEED if _sources.is_test_split(split) else seed)

@@ -31,7 +31,7 @@ def _base(name, split, data_dir, source, download):
             raise
         looked = []
         _sources.find_local(name, data_dir, looked)
-        raise _sources.not_found_error(name, looked, e) from e
+        raise _sources.not_found_error(name, looked, e, data_dir_given=bool(data_dir)) from e
     n = None
     try:
         n = int(ds.cardinality().numpy())

@@ -2,7 +2,9 @@
 
 Search order for ``source="files"`` (and first for ``source="auto"``):
 
-1. the ``data_dir`` argument;
+1. the ``data_dir`` argument, when given: it is then the only place searched (a folder
+   the user names is used, or refused with an error that names it; never skipped for
+   another copy elsewhere);
 2. every directory in the environment variable ``KERAS_MOE_DATA_DIR``
    (``os.pathsep``-separated);
 3. ``~/.keras/datasets`` (where ``keras.datasets`` caches downloads);
@@ -13,13 +15,18 @@ In each root, the subfolders conventionally named for the data set are tried
 first (``mnist/``, ``MNIST/raw/``, ``fashion-mnist/``, ``FashionMNIST/raw/``,
 ``cifar-10-batches-py/``, ``cifar-10-python.tar.gz``, ...), then the root itself.
 Files are recognised by content: IDX headers for the MNIST family, the CIFAR
-batch names and pickle keys for CIFAR. The IDX format cannot tell MNIST from
+batch names and pickle keys for CIFAR. A file named like an IDX file (``*-ubyte*``)
+whose header does not parse is reported as corrupt (`IDXFormatError`, naming it). The IDX format cannot tell MNIST from
 Fashion-MNIST, so a root that holds bare IDX files is used for whichever of the
 two you ask for: keep them in named subfolders when you have both.
 
 With ``source="auto"``, when no files are found, TFDS is used: a data set
 already prepared under ``data_dir`` (or TFDS's default ``~/tensorflow_datasets``)
-is loaded, otherwise TFDS downloads it when ``download=True``. ``imagenet2012``
+is loaded, otherwise TFDS downloads it when ``download=True``. Before a download the
+data set's download host is resolved and connected to (a few seconds at most): offline,
+the `DataNotFoundError` says so at once (its TFDS line: `DataUnreachableError`, a
+`ConnectionError`), instead of TFDS retrying each file for minutes, and the answer is
+remembered for the process. With ``source="tfds"`` TFDS itself is asked. ``imagenet2012``
 and ``cityscapes`` are TFDS-only and need a manual download (see
 :data:`MANUAL_DOWNLOAD`).
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -41,6 +49,7 @@ __all__ = [
     "DATASETS",
     "MANUAL_DOWNLOAD",
     "DataNotFoundError",
+    "DataUnreachableError",
     "DatasetInfo",
     "LocalData",
     "find_local",
@@ -64,16 +73,21 @@ class DatasetInfo:
     subdirs: Tuple[str, ...] = ()
     image_key: str = "image"
     label_key: str = "label"
+    download: Optional[Tuple[str, int]] = None  # (host, port) TFDS downloads it from
 
 
 DATASETS: Dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", "mnist", "idx", 10, ("mnist", "MNIST/raw", "MNIST")),
+    "mnist": DatasetInfo("mnist", "mnist", "idx", 10, ("mnist", "MNIST/raw", "MNIST"),
+                         download=("storage.googleapis.com", 443)),
     "fashion_mnist": DatasetInfo(
         "fashion_mnist", "fashion_mnist", "idx", 10,
         ("fashion_mnist", "fashion-mnist", "FashionMNIST/raw", "FashionMNIST"),
+        download=("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
     ),
-    "cifar10": DatasetInfo("cifar10", "cifar10", "cifar", 10, ("cifar10", "cifar-10")),
-    "cifar100": DatasetInfo("cifar100", "cifar100", "cifar", 100, ("cifar100", "cifar-100")),
+    "cifar10": DatasetInfo("cifar10", "cifar10", "cifar", 10, ("cifar10", "cifar-10"),
+                           download=("www.cs.toronto.edu", 443)),
+    "cifar100": DatasetInfo("cifar100", "cifar100", "cifar", 100, ("cifar100", "cifar-100"),
+                            download=("www.cs.toronto.edu", 443)),
     "imagenet2012": DatasetInfo("imagenet2012", "imagenet2012", "tfds", 1000),
     "cityscapes": DatasetInfo(
         "cityscapes", "cityscapes/semantic_segmentation", "tfds", 34,
@@ -101,6 +115,34 @@ MANUAL_DOWNLOAD = {
 
 class DataNotFoundError(FileNotFoundError):
     """No copy of a data set was found; the message lists where we looked and how to get it."""
+
+
+class DataUnreachableError(DataNotFoundError, ConnectionError):
+    """A data set would have to be downloaded, and its download host cannot be reached."""
+
+
+_UNREACHABLE: Dict[Tuple[str, int], str] = {}
+
+
+def check_download_reachable(name: str, timeout: float = 5.0) -> None:
+    """Raises `DataUnreachableError` at once if TFDS could not download ``name`` from here.
+
+    The data set's download host is resolved and connected to (``timeout`` seconds at
+    most); a failure is remembered for the rest of the process.
+    """
+    info = _info(name)
+    if info.download is None:
+        return
+    host, port = info.download
+    if (host, port) not in _UNREACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            return
+        except OSError as error:
+            _UNREACHABLE[(host, port)] = f"{type(error).__name__}: {error}"
+    raise DataUnreachableError(
+        f"{name}: TFDS downloads it from {host}, which this machine cannot reach "
+        f"({_UNREACHABLE[(host, port)]}): no network, so no download")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +177,7 @@ def search_roots(name: str, data_dir: Optional[str] = None) -> List[str]:
 
     Args:
       name: A key of :data:`DATASETS`.
-      data_dir: Optional explicit directory, searched first.
+      data_dir: Optional explicit directory: when given, the only root.
 
     Returns:
       Absolute paths (they need not exist).
@@ -147,7 +189,7 @@ def search_roots(name: str, data_dir: Optional[str] = None) -> List[str]:
     _info(name)
     roots: List[str] = []
     if data_dir:
-        roots.append(os.fspath(data_dir))
+        return [os.path.abspath(os.path.expanduser(os.fspath(data_dir)))]
     env = os.environ.get(ENV_VAR, "")
     roots += [p for p in env.split(os.pathsep) if p]
     roots.append(os.path.join("~", ".keras", "datasets"))
@@ -231,9 +273,13 @@ def _how_to_get(name: str) -> str:
 
 
 def not_found_error(name: str, looked: Sequence[str], tfds_error: Optional[BaseException] = None,
-                    tfds_note: Optional[str] = None) -> DataNotFoundError:
+                    tfds_note: Optional[str] = None,
+                    data_dir_given: bool = False) -> DataNotFoundError:
     """Builds the :class:`DataNotFoundError` for ``name``."""
     msg = [f"{name}: no copy found. Looked in:"]
+    if data_dir_given:
+        msg = [f"{name}: no copy found in the data_dir given (the only place searched when "
+               "one is given). Looked in:"]
     msg += [f"  - {p}{'' if os.path.exists(p) else ' (does not exist)'}" for p in looked]
     if tfds_note:
         msg.append(f"  - {tfds_note}")
@@ -311,8 +357,14 @@ def resolve(name: str, data_dir: Optional[str] = None, source: str = "auto", dow
     if source == "files":
         if info.kind == "tfds":
             raise ValueError(f"{name} has no file reader; use source='tfds'. {MANUAL_DOWNLOAD[name]}")
-        raise not_found_error(name, looked)
-    if download or _tfds_prepared(name, data_dir):
+        raise not_found_error(name, looked, data_dir_given=bool(data_dir))
+    prepared = _tfds_prepared(name, data_dir)
+    if download and not prepared:
+        try:  # fail at once offline, not after TFDS's minutes of retries per file
+            check_download_reachable(name)
+        except DataUnreachableError as error:
+            raise not_found_error(name, looked, error, data_dir_given=bool(data_dir)) from error
+    if download or prepared:
         return "tfds"
     raise not_found_error(name, looked, tfds_note=f"TFDS {info.tfds_name} under "
                           f"{data_dir or '~/tensorflow_datasets'}: not prepared, and download=False")
@@ -388,7 +440,7 @@ def load_numpy(
                 raise
             looked: List[str] = []
             find_local(name, data_dir, looked)
-            raise not_found_error(name, looked, e) from e
+            raise not_found_error(name, looked, e, data_dir_given=bool(data_dir)) from e
         # Batched iteration rather than tfds.load(batch_size=-1): that path runs the whole split
         # through get_single_element, which aborts the process on generator-backed datasets.
         xs, ys = [], []
@@ -405,3 +457,20 @@ def load_numpy(
         x, y = read_local(where, split)
         desc = where.describe()
     return (x, y, desc) if return_source else (x, y)
+
+
+def load_stand_in(name: str, split: str, data_dir: Optional[str] = None):
+    """A stand-in set for a derived data set whose real source is missing (offline).
+
+    The stand-in comes from ``data_dir`` if it holds it, else from the default search (a
+    documented fallback the caller announces; ``data_dir`` was used for the real set).
+
+    Returns:
+      ``(x, y, source_description)``.
+    """
+    if data_dir:
+        try:
+            return load_numpy(name, split, data_dir, "files", return_source=True)
+        except DataNotFoundError:
+            pass
+    return load_numpy(name, split, None, "auto", download=False, return_source=True)

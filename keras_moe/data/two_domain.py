@@ -210,8 +210,7 @@ def load_two_domain(
                 parts.append(sklearn_digits(split))
                 descs.append("stand-in for mnist: sklearn_digits (sklearn.datasets.load_digits, 8x8 upsampled)")
             else:
-                x, y, where = _sources.load_numpy("fashion_mnist", split, data_dir, "auto", download=False,
-                                                  return_source=True)
+                x, y, where = _sources.load_stand_in("fashion_mnist", split, data_dir)
                 parts.append((x, y))
                 descs.append(f"stand-in for cifar10: fashion_mnist ({where})")
             names.append(stand_in)

@@ -84,266 +84,24 @@ Reference:
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from keras_moe.layers.gated_conv import GatedConv2D, ShallowEmbedding
-from keras_moe.layers.gates import ReLUGate
-
-_ELEMENTWISE_ACTIVATIONS = frozenset(
-    {
-        "linear", "relu", "relu6", "elu", "selu", "gelu", "sigmoid", "tanh", "silu",
-        "swish", "leaky_relu", "softplus", "softsign", "hard_sigmoid", "hard_silu",
-        "hard_swish", "mish", "exponential",
-    }
+from keras_moe.analysis import graph
+from keras_moe.inference.snapshots import (
+    GateGroup,
+    SnapshotConv,
+    SnapshotDense,
+    SnapshotEmbedding,
+    cast,
+    gated_conv_inputs,
+    is_convolution,
+    is_foldable_norm,
+    is_parameter_free_channelwise,
+    is_snapshot_dense,
+    single_tensor_input,
 )
-
-
-def _numpy(weight):
-    return np.asarray(keras.ops.convert_to_numpy(weight), "float64")
-
-
-def _folded_norm(norm):
-    """Inference-mode batch norm as a per-channel affine map `y = z * scale + shift`
-    (`y = (z - mean) * gamma / sqrt(var + eps) + beta`), in numpy."""
-    scale = 1.0 / np.sqrt(_numpy(norm.moving_variance) + norm.epsilon)
-    if norm.scale:
-        scale = scale * _numpy(norm.gamma)
-    shift = -_numpy(norm.moving_mean) * scale
-    if norm.center:
-        shift = shift + _numpy(norm.beta)
-    return scale, shift
-
-
-def _const(array, dtype):
-    """A snapshot as a constant: a graph constant when traced (not a captured input)."""
-    return tf.constant(array, dtype)
-
-
-def _cast(x, dtype):
-    return x if x.dtype == dtype else tf.cast(x, dtype)
-
-
-def _activation_is_elementwise(activation):
-    return getattr(activation, "__name__", None) in _ELEMENTWISE_ACTIVATIONS
-
-
-def _is_foldable_norm(op):
-    return isinstance(op, keras.layers.BatchNormalization) and op.axis in (-1, 3)
-
-
-def _is_parameter_free_channelwise(op):
-    """Whether `op` acts on each channel of a channels-last tensor alike, without weights."""
-    if isinstance(op, (keras.layers.ReLU, keras.layers.Dropout)):
-        return True
-    if isinstance(op, keras.layers.Activation):
-        return _activation_is_elementwise(op.activation)
-    if isinstance(op, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
-        return op.data_format == "channels_last"
-    return False
-
-
-def _is_convolution(op):
-    """A `GatedConv2D`, or a plain channels-last `Conv2D` (weights can be snapshotted)."""
-    if isinstance(op, GatedConv2D):
-        return True
-    return (
-        type(op) is keras.layers.Conv2D
-        and op.data_format == "channels_last"
-        and op.groups == 1
-        and _activation_is_elementwise(op.activation)
-    )
-
-
-def _single_tensor_input(node):
-    tensors = node.input_tensors
-    return tensors[0] if len(tensors) == 1 else None
-
-
-def _gated_conv_inputs(node):
-    args = node.arguments.args
-    if len(args) != 1 or not isinstance(args[0], (list, tuple)) or len(args[0]) != 2:
-        raise ValueError(
-            f"GatedConv2D '{node.operation.name}' must be called as layer([x, gates])"
-        )
-    return args[0][0], args[0][1]
-
-
-class _Conv:
-    """A convolution node with its weights snapshotted (a batch norm folded in)."""
-
-    def __init__(self, node, norm=None):
-        op = node.operation
-        self.node = node
-        self.gated = isinstance(op, GatedConv2D)
-        kernel = _numpy(op.kernel)
-        bias = _numpy(op.bias) if op.use_bias else None
-        self.activation = None
-        if not self.gated and op.activation is not keras.activations.linear:
-            self.activation = op.activation
-        if norm is not None:
-            scale, shift = _folded_norm(norm)
-            kernel = kernel * scale
-            bias = shift if bias is None else bias * scale + shift
-        self.dtype = op.compute_dtype
-        # NumPy snapshots, made graph constants when traced (not captured inputs).
-        self.kernel = kernel.astype("float32")
-        self.bias = None if bias is None else bias.astype("float32")
-        self.in_channels = kernel.shape[2]
-        self.strides = (1,) + tuple(op.strides) + (1,)
-        self.padding = op.padding.upper()
-        self.dilations = (1,) + tuple(op.dilation_rate) + (1,)
-        # Set by the plan: the gate tensors indexing its input and output channels, and
-        # whether its input arrives already reduced to the input gate's open channels.
-        self.in_gate = None
-        self.out_gate = None
-        self.input_reduced = False
-
-    def weights(self, in_idx=None, out_idx=None):
-        """The kernel and bias (or None) sliced to the given input and output channels."""
-        kernel = _const(self.kernel, self.dtype)
-        if in_idx is not None:
-            kernel = tf.gather(kernel, in_idx, axis=2)
-        if out_idx is not None:
-            kernel = tf.gather(kernel, out_idx, axis=3)
-        bias = None
-        if self.bias is not None:
-            bias = _const(self.bias, self.dtype)
-            if out_idx is not None:
-                bias = tf.gather(bias, out_idx)
-        return kernel, bias
-
-    def __call__(self, x, weights):
-        kernel, bias = weights
-        outputs = tf.nn.conv2d(
-            _cast(x, self.dtype), kernel, strides=self.strides, padding=self.padding,
-            dilations=self.dilations,
-        )
-        if bias is not None:
-            outputs = tf.nn.bias_add(outputs, bias)
-        return outputs if self.activation is None else self.activation(outputs)
-
-
-class _Dense:
-    """A plain `Dense` layer on a rank-2 input, its weights snapshotted as constants."""
-
-    def __init__(self, op):
-        self.dtype = op.compute_dtype
-        self.kernel = _numpy(op.kernel).astype("float32")
-        self.bias = _numpy(op.bias).astype("float32") if op.use_bias else None
-        self.activation = None if op.activation is keras.activations.linear else op.activation
-
-    def __call__(self, x):
-        outputs = tf.matmul(_cast(x, self.dtype), _const(self.kernel, self.dtype))
-        if self.bias is not None:
-            outputs = tf.nn.bias_add(outputs, _const(self.bias, self.dtype))
-        return outputs if self.activation is None else self.activation(outputs)
-
-
-def _is_snapshot_dense(op):
-    return (
-        type(op) is keras.layers.Dense
-        and op.lora_rank is None
-        and op.quantization_mode is None
-        and _activation_is_elementwise(op.activation)
-        and len(op.input.shape) == 2
-    )
-
-
-class _Embedding:
-    """A `ShallowEmbedding` with its batch norms folded into its convolutions."""
-
-    def __init__(self, op):
-        self.dtype = op.compute_dtype
-        self.convs = []
-        for conv, norm in zip(op.convs, op.norms):
-            scale, shift = _folded_norm(norm)
-            kernel = _numpy(conv.kernel) * scale
-            if conv.use_bias:
-                shift = shift + _numpy(conv.bias) * scale
-            self.convs.append(
-                (kernel.astype("float32"), shift.astype("float32"), (1,) + tuple(conv.strides) + (1,),
-                 conv.padding.upper())
-            )
-        self.dense = _Dense(op.dense)
-
-    @staticmethod
-    def supports(op):
-        return (
-            type(op) is ShallowEmbedding
-            and all(_is_foldable_norm(n) for n in op.norms)
-            and all(
-                type(c) is keras.layers.Conv2D and c.data_format == "channels_last"
-                and c.groups == 1 and c.activation is keras.activations.linear
-                and tuple(c.dilation_rate) == (1, 1)
-                for c in op.convs
-            )
-            and op.dense.lora_rank is None
-            and op.dense.quantization_mode is None
-        )
-
-    def __call__(self, images):
-        x = _cast(images, self.dtype)
-        for kernel, bias, strides, padding in self.convs:
-            x = tf.nn.conv2d(x, _const(kernel, self.dtype), strides=strides, padding=padding)
-            x = tf.nn.relu(tf.nn.bias_add(x, _const(bias, self.dtype)))
-        logits = self.dense(_cast(tf.reduce_mean(x, axis=(1, 2)), "float32"))
-        return {"probs": tf.nn.softmax(logits, axis=-1), "logits": logits}
-
-
-class _GateGroup:
-    """`ReLUGate` heads reading one tensor: one matrix product, one open-set computation."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-        kernels = [_numpy(n.operation.kernel) for n in nodes]
-        biases = [
-            _numpy(n.operation.bias) if n.operation.use_bias else np.zeros(k.shape[1])
-            for n, k in zip(nodes, kernels)
-        ]
-        self.sizes = [k.shape[1] for k in kernels]
-        self.kernel = np.concatenate(kernels, axis=1).astype("float32")
-        self.bias = np.concatenate(biases).astype("float32")
-        self.use_bias = any(n.operation.use_bias for n in nodes)
-        self.segments = np.repeat(np.arange(len(nodes)), self.sizes).astype("int32")
-        self.local = np.concatenate([np.arange(n) for n in self.sizes]).astype("int32")
-        self.first = self.local == 0
-
-    def __call__(self, inputs, values, open_sets, column_sets):
-        logits = tf.matmul(_cast(inputs, "float32"), _const(self.kernel, 'float32'))
-        if self.use_bias:
-            logits = tf.nn.bias_add(logits, _const(self.bias, 'float32'))
-        gates = tf.nn.relu(logits)
-        # Open channels of every head at once (union over the batch; a head with none
-        # open keeps its first channel), split into one index vector per head.
-        col_max = tf.reduce_max(gates, axis=0)
-        head_open = tf.math.segment_max(col_max, self.segments) > 0
-        keep = tf.logical_or(
-            col_max > 0,
-            tf.logical_and(self.first, tf.logical_not(tf.gather(head_open, self.segments))),
-        )
-        counts = tf.math.segment_sum(tf.cast(keep, "int32"), self.segments)
-        positions = tf.where(keep)[:, 0]
-        local = tf.gather(self.local, positions)
-        indices = tf.split(local, counts, num=len(self.nodes))
-        # The open gates' values, shaped to scale channels-last activations, per head.
-        open_gates = tf.reshape(tf.gather(gates, positions, axis=1), (-1, 1, 1, tf.size(local)))
-        open_gates = tf.split(open_gates, counts, axis=3, num=len(self.nodes))
-        columns = tf.split(gates[:, :, None], self.sizes, axis=1)  # (batch, channels, 1)
-        masks = tf.split(tf.cast(gates > 0, "float32"), self.sizes, axis=-1)
-        pieces = zip(
-            self.nodes, tf.split(logits, self.sizes, axis=-1),
-            tf.split(gates, self.sizes, axis=-1), masks, indices, open_gates, columns,
-        )
-        for node, logit, gate, mask, idx, open_gate, column in pieces:
-            out = {"gates": gate, "logits": logit, "dispatch_mask": mask}
-            keys = keras.tree.flatten({key: key for key in out})  # ReLUGate's output order
-            for tensor, key in zip(node.outputs, keys):
-                values[id(tensor)] = out[key]
-            gate_t = node.outputs[keys.index("gates")]
-            open_sets[id(gate_t)] = (idx, open_gate)
-            column_sets[id(gate_t)] = column
-
+from keras_moe.layers.gated_conv import GatedConv2D
+from keras_moe.layers.gates import ReLUGate
 
 class SkipChannelRunner:
     """Runs a DeepMoE skipping the channels its gates close (DeepMoE inference).
@@ -387,10 +145,9 @@ class SkipChannelRunner:
 
     def __init__(self, model, skip_stream_inputs=True):
         network = getattr(model, "network", model)
-        nodes_by_depth = getattr(network, "_nodes_by_depth", None)
         if (
             not isinstance(network, keras.Model)
-            or nodes_by_depth is None
+            or not graph.has_graph(network)
             or len(network.inputs) != 1
         ):
             raise ValueError(
@@ -405,7 +162,7 @@ class SkipChannelRunner:
         self.network = network
         self.skip_stream_inputs = bool(skip_stream_inputs)
         self._input = network.inputs[0]
-        self._plan(nodes_by_depth)
+        self._plan(graph.call_nodes(network))
         spec = tf.TensorSpec((None,) + tuple(self._input.shape[1:]), self._input.dtype)
         # Two traces, each once for every batch size and open set: the logits alone (the
         # serving call: one output tensor per call) and all of the network's outputs.
@@ -419,19 +176,10 @@ class SkipChannelRunner:
 
     # Planning (once, on the symbolic graph) ----------------------------------------------
 
-    def _plan(self, nodes_by_depth):
-        nodes = []
-        for depth in sorted(nodes_by_depth, reverse=True):
-            nodes.extend(n for n in nodes_by_depth[depth] if n.operation and not n.is_input)
-        producer = {}
-        consumers = {}
-        for node in nodes:
-            for tensor in node.outputs:
-                producer[id(tensor)] = node
-            for tensor in node.input_tensors:
-                consumers.setdefault(id(tensor), []).append(node)
-        for tensor in keras.tree.flatten(self.network.output):
-            consumers.setdefault(id(tensor), []).append(None)  # a model output
+    def _plan(self, nodes):
+        producer = graph.producers(nodes)
+        consumers = {key: [node for node, _ in uses] for key, uses in
+                     graph.consumers(nodes, self.network.output).items()}
 
         def only_consumer(tensor):
             users = consumers.get(id(tensor), [])
@@ -443,25 +191,25 @@ class SkipChannelRunner:
                 node = producer.get(id(stack.pop()))
                 if node is not None and id(node) not in seen:
                     seen.add(id(node))
-                    stack.extend(node.input_tensors)
+                    stack.extend(graph.call_inputs(node))
             return seen
 
         # 1. Convolutions, with the batch norm that alone reads a linear one folded in.
         convs = {}
         aliases = {}  # id(folded norm node) -> its convolution
         for node in nodes:
-            op = node.operation
-            if not _is_convolution(op) or len(node.outputs) != 1:
+            op = graph.operation(node)
+            if not is_convolution(op) or len(graph.call_outputs(node)) != 1:
                 continue
-            norm_node = only_consumer(node.outputs[0])
+            norm_node = only_consumer(graph.call_outputs(node)[0])
             norm = None
             if (
                 norm_node is not None
-                and _is_foldable_norm(norm_node.operation)
+                and is_foldable_norm(graph.operation(norm_node))
                 and (isinstance(op, GatedConv2D) or op.activation is keras.activations.linear)
             ):
-                norm = norm_node.operation
-            convs[id(node)] = _Conv(node, norm)
+                norm = graph.operation(norm_node)
+            convs[id(node)] = SnapshotConv(node, norm)
             if norm is not None:
                 aliases[id(norm_node)] = convs[id(node)]
 
@@ -469,29 +217,29 @@ class SkipChannelRunner:
         #    -> one gated convolution, each tensor read only by the next.
         gate_tensors = []
         for node in nodes:
-            if not isinstance(node.operation, GatedConv2D):
+            if not isinstance(graph.operation(node), GatedConv2D):
                 continue
-            x_t, gate_t = _gated_conv_inputs(node)
+            x_t, gate_t = gated_conv_inputs(node)
             convs[id(node)].in_gate = gate_t
             gate_tensors.append(gate_t)
             chain, tensor, source_conv = [], x_t, None
             while True:
                 source = producer.get(id(tensor))
-                if only_consumer(tensor) is None or source is None or len(source.outputs) != 1:
+                if only_consumer(tensor) is None or source is None or len(graph.call_outputs(source)) != 1:
                     break
                 chain.append(tensor)
                 if id(source) in convs:
                     source_conv = convs[id(source)]
                     break
                 if id(source) in aliases:
-                    chain.append(_single_tensor_input(source))
+                    chain.append(single_tensor_input(source))
                     if only_consumer(chain[-1]) is None:
                         break
                     source_conv = aliases[id(source)]
                     break
-                if not _is_parameter_free_channelwise(source.operation):
+                if not is_parameter_free_channelwise(graph.operation(source)):
                     break
-                tensor = _single_tensor_input(source)
+                tensor = single_tensor_input(source)
                 if tensor is None:
                     break
             if source_conv is None or id(source_conv.node) in ancestors(gate_t):
@@ -502,11 +250,11 @@ class SkipChannelRunner:
         # 3. ReLUGate heads grouped by the tensor they read: one matrix product per group.
         groups = {}
         for node in nodes:
-            if type(node.operation) is ReLUGate and _single_tensor_input(node) is not None:
-                groups.setdefault(id(_single_tensor_input(node)), []).append(node)
+            if type(graph.operation(node)) is ReLUGate and single_tensor_input(node) is not None:
+                groups.setdefault(id(single_tensor_input(node)), []).append(node)
         self._groups = {}
         for members in groups.values():
-            group = _GateGroup(members)
+            group = GateGroup(members)
             for i, node in enumerate(members):
                 self._groups[id(node)] = group if i == 0 else None
 
@@ -523,25 +271,25 @@ class SkipChannelRunner:
         # 4. Other layers with weights snapshotted as constants (fewer ops per call).
         self._snapshots = {}
         for node in nodes:
-            op = node.operation
-            if _Embedding.supports(op) and _single_tensor_input(node) is not None:
-                self._snapshots[id(node)] = _Embedding(op)
-            elif _is_snapshot_dense(op) and _single_tensor_input(node) is not None:
-                self._snapshots[id(node)] = _Dense(op)
-        self.reduced_layers = [c.node.operation.name for c in convs.values()
+            op = graph.operation(node)
+            if SnapshotEmbedding.supports(op) and single_tensor_input(node) is not None:
+                self._snapshots[id(node)] = SnapshotEmbedding(op)
+            elif is_snapshot_dense(op) and single_tensor_input(node) is not None:
+                self._snapshots[id(node)] = SnapshotDense(op)
+        self.reduced_layers = [graph.operation(c.node).name for c in convs.values()
                                if c.out_gate is not None]
-        self.folded_norms = [n.operation.name for n in nodes if id(n) in aliases]
+        self.folded_norms = [graph.operation(n).name for n in nodes if id(n) in aliases]
 
     # Execution ------------------------------------------------------------------------------
 
     def _run(self, images, shapes=None):
         values = {id(self._input): images}
         open_sets = {}
-        column_sets = {}  # filled by _GateGroup for its heads, else on demand
+        column_sets = {}  # filled by GateGroup for its heads, else on demand
 
         def open_set(gate_t):
             """(open channel indices, their gates as (batch, 1, 1, open)) of a gate tensor."""
-            if id(gate_t) not in open_sets:  # a gate not computed by a _GateGroup
+            if id(gate_t) not in open_sets:  # a gate not computed by a GateGroup
                 gates = values[id(gate_t)]
                 is_open = tf.reduce_any(gates > 0, axis=0)
                 first = tf.equal(tf.range(tf.shape(is_open)[0]), 0)
@@ -575,33 +323,33 @@ class SkipChannelRunner:
                 out_idx = None if conv.out_gate is None else open_set(conv.out_gate)[0]
                 weights[id(conv.node)] = conv.weights(in_idx, out_idx)
                 if shapes is not None:
-                    shapes[conv.node.operation.name] = tuple(
+                    shapes[graph.operation(conv.node).name] = tuple(
                         int(d) for d in weights[id(conv.node)][0].shape
                     )
             return weights[id(conv.node)]
 
         for node in self._nodes:
-            op = node.operation
-            out_t = node.outputs[0] if len(node.outputs) == 1 else None
+            outputs = graph.call_outputs(node)
+            out_t = outputs[0] if len(outputs) == 1 else None
             if id(node) in self._groups:
                 group = self._groups[id(node)]
                 if group is not None:
                     group(
-                        values[id(_single_tensor_input(group.nodes[0]))], values, open_sets,
+                        values[id(single_tensor_input(group.nodes[0]))], values, open_sets,
                         column_sets,
                     )
             elif id(node) in self._aliases:  # a batch norm folded into its convolution
-                values[id(out_t)] = values[id(_single_tensor_input(node))]
+                values[id(out_t)] = values[id(single_tensor_input(node))]
             elif id(node) in self._convs:
                 conv = self._convs[id(node)]
                 if not conv.gated:
-                    x = values[id(_single_tensor_input(node))]
+                    x = values[id(single_tensor_input(node))]
                     values[id(out_t)] = conv(x, conv_weights(conv))
                     continue
-                x_t, gate_t = _gated_conv_inputs(node)
-                x = _cast(values[id(x_t)], conv.dtype)
+                x_t, gate_t = gated_conv_inputs(node)
+                x = cast(values[id(x_t)], conv.dtype)
                 if conv.input_reduced:  # x holds the open channels only, in order
-                    x = x * _cast(open_set(gate_t)[1], conv.dtype)
+                    x = x * cast(open_set(gate_t)[1], conv.dtype)
                 elif self.skip_stream_inputs:
                     # Select and scale the open channels with one batched matrix product
                     # by (0/1 selection matrix) x (gates): faster than tf.gather along
@@ -609,26 +357,23 @@ class SkipChannelRunner:
                     in_idx = open_set(gate_t)[0]
                     height, width = x.shape[1], x.shape[2]
                     select = tf.one_hot(in_idx, conv.in_channels, axis=0, dtype=conv.dtype)
-                    select = select * _cast(column_gates(gate_t), conv.dtype)
+                    select = select * cast(column_gates(gate_t), conv.dtype)
                     x = tf.matmul(tf.reshape(x, (-1, height * width, conv.in_channels)), select)
                     x = tf.reshape(x, map_shape(height, width))
                 else:
-                    x = x * _cast(values[id(gate_t)], conv.dtype)[:, None, None, :]
+                    x = x * cast(values[id(gate_t)], conv.dtype)[:, None, None, :]
                 values[id(out_t)] = conv(x, conv_weights(conv))
             elif id(node) in self._snapshots:
-                result = self._snapshots[id(node)](values[id(_single_tensor_input(node))])
+                result = self._snapshots[id(node)](values[id(single_tensor_input(node))])
                 if isinstance(result, dict):
                     keys = keras.tree.flatten({key: key for key in result})
-                    for tensor, key in zip(node.outputs, keys):
+                    for tensor, key in zip(graph.call_outputs(node), keys):
                         values[id(tensor)] = result[key]
                 else:
                     values[id(out_t)] = result
             else:
-                args, kwargs = node.arguments.fill_in(values)
-                if isinstance(op, keras.layers.Layer):
-                    kwargs = dict(kwargs, training=False)
-                results = keras.tree.flatten(op(*args, **kwargs))
-                for tensor, value in zip(node.outputs, results):
+                results = graph.run_node(node, values, training=False)
+                for tensor, value in zip(graph.call_outputs(node), results):
                     values[id(tensor)] = value
         return keras.tree.map_structure(lambda t: values[id(t)], self.network.output)
 

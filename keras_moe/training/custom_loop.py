@@ -31,10 +31,10 @@ and trains as `model.fit` does:
   for `verbose != 0`, a progress bar): `on_train_begin`, `on_epoch_begin`,
   `on_train_batch_begin/end`, `on_test_begin/end` around validation, `on_epoch_end`
   and `on_train_end`, with logs of Python floats. An epoch number that a callback
-  stores in `model._initial_epoch` during `on_train_begin` (what
-  `keras.callbacks.BackupAndRestore` does when it restores a backup) is where training
-  starts, as in `model.fit`; `model.stop_training` ends training after the current
-  batch.
+  stores as the model's initial epoch during `on_train_begin` (what
+  `keras.callbacks.BackupAndRestore` does when it restores a backup; a private Keras
+  attribute, `keras_moe.compat.initial_epoch`) is where training starts, as in
+  `model.fit`; `model.stop_training` ends training after the current batch.
 
 Every worker must call `fit_distributed` with the same arguments: the steps are
 collective. Callbacks run on every worker; a callback that writes files must write to
@@ -49,6 +49,8 @@ import numbers
 import warnings
 
 import keras
+
+from keras_moe import compat
 
 __all__ = ["fit_distributed"]
 
@@ -139,7 +141,7 @@ def _step_functions(model, strategy):
         return loss_sum, tf.reduce_sum(hits * weight), count, tf.reduce_sum(weight)
 
     def call(x, training):
-        if model._call_has_training_arg:
+        if compat.call_has_training_arg(model):
             return model(x, training=training)
         return model(x)
 
@@ -147,7 +149,7 @@ def _step_functions(model, strategy):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = call(x, True)
-            loss = model._compute_loss(x=x, y=y, y_pred=y_pred,
+            loss = compat.compute_loss(model, x=x, y=y, y_pred=y_pred,
                                        sample_weight=sample_weight, training=True)
             scaled = model.optimizer.scale_loss(loss)
         variables = model.trainable_weights
@@ -158,8 +160,8 @@ def _step_functions(model, strategy):
     def replica_eval(data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = call(x, False)
-        loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                   training=False)
+        loss = compat.compute_loss(model, x=x, y=y, y_pred=y_pred,
+                                   sample_weight=sample_weight, training=False)
         return sums(x, y, y_pred, loss, sample_weight)
 
     def reduced(replica_fn):
@@ -208,8 +210,8 @@ def fit_distributed(model, dataset, *, strategy, steps_per_epoch, initial_epoch,
         strategy: The `tf.distribute.Strategy` the model was built under (any
             strategy works; `MultiWorkerMirroredStrategy` is what it is for).
         steps_per_epoch: Batches per epoch, >= 1.
-        initial_epoch: Index of the first epoch (unless a callback sets
-            `model._initial_epoch` in `on_train_begin`).
+        initial_epoch: Index of the first epoch (unless a callback sets the model's
+            initial epoch in `on_train_begin`; see the module docstring).
         epochs: Index of the epoch to stop before, >= `initial_epoch`.
         validation_data: None or a `tf.data.Dataset` of batches, evaluated after every
             epoch.
@@ -232,7 +234,7 @@ def fit_distributed(model, dataset, *, strategy, steps_per_epoch, initial_epoch,
     with strategy.scope():
         # What `model.fit` builds before its first step (compiled loss, optimizer
         # variables), from the batch's shapes only: no data is read.
-        model._symbolic_build(data_batch=dataset.element_spec)
+        compat.symbolic_build(model, dataset.element_spec)
         distributed = strategy.experimental_distribute_dataset(_with_data_sharding(dataset))
         distributed_validation = None
         if validation_data is not None:
@@ -247,9 +249,9 @@ def fit_distributed(model, dataset, *, strategy, steps_per_epoch, initial_epoch,
                    if isinstance(c, keras.callbacks.History))
     model.stop_training = False
     # Only an epoch a callback restores now counts (not one left by an earlier fit).
-    model._initial_epoch = None
+    compat.set_initial_epoch(model, None)
     callback_list.on_train_begin()
-    start = model._initial_epoch or initial_epoch
+    start = compat.initial_epoch(model) or initial_epoch
     iterator = iter(distributed)
     epoch_logs = None
     out_of_data = False

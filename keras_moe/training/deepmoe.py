@@ -53,21 +53,23 @@ import keras
 import numpy as np
 
 from keras_moe import validation
-from keras_moe.layers.gated_conv import ShallowEmbedding
 from keras_moe.layers.gates import ReLUGate
-from keras_moe.training.phases import PhaseLog
+from keras_moe.recipes import Phase
+from keras_moe.training.phases import recompile, run_phases
+from keras_moe.zoo.deepmoe import DEEPMOE, DeepMoEModel
+
+__all__ = ["DeepMoEHistory", "DensityRecord", "GateDensityTarget", "density_ahead",
+           "gating_layers", "recompile", "set_gating_trainable", "spread_gate_heads",
+           "train_deepmoe_two_phase"]
 
 
 def _require_deepmoe(model):
-    network = getattr(model, "network", None)
-    if not isinstance(network, keras.Model) or not hasattr(model, "gate_l1") or not hasattr(
-        model, "embedding_loss_weight"
-    ):
+    if not isinstance(model, DeepMoEModel):
         raise ValueError(
             "model must be a DeepMoEModel (e.g. keras_moe.zoo.deepmoe_resnet_cifar()), "
             f"got {model!r}"
         )
-    return network
+    return model
 
 
 def gating_layers(model):
@@ -77,15 +79,14 @@ def gating_layers(model):
         model: A `DeepMoEModel`.
 
     Returns:
-        The `ShallowEmbedding` and `ReLUGate` layers of `model.network`, in its order.
+        Its `ShallowEmbedding` and `ReLUGate` layers, in graph order.
 
     Example:
 
     >>> [layer.name for layer in gating_layers(model)][:2]
     ['embedding', 'stage1_block1_conv1_gate']
     """
-    network = _require_deepmoe(model)
-    found = [layer for layer in network.layers if isinstance(layer, (ShallowEmbedding, ReLUGate))]
+    found = _require_deepmoe(model).gating_layers()
     if not found:
         raise ValueError(f"{model.name!r} has no ShallowEmbedding or ReLUGate layer")
     return found
@@ -101,30 +102,7 @@ def set_gating_trainable(model, trainable):
     Returns:
         The layers changed.
     """
-    layers = gating_layers(model)
-    for layer in layers:
-        layer.trainable = bool(trainable)
-    return layers
-
-
-def recompile(model, optimizer=None):
-    """Compiles `model` again with its own compile arguments (and optimizer instance).
-
-    Args:
-        model: A compiled Keras model.
-        optimizer: None to keep `model.optimizer` (the same instance, with its state and
-            iteration count), or another optimizer.
-
-    Returns:
-        The model.
-    """
-    config = getattr(model, "_compile_config", None)
-    if getattr(model, "optimizer", None) is None or config is None:
-        raise ValueError("model must be compiled first")
-    kwargs = dict(config.config)
-    kwargs["optimizer"] = model.optimizer if optimizer is None else optimizer
-    model.compile(**kwargs)
-    return model
+    return _require_deepmoe(model).set_gating_trainable(trainable)
 
 
 def spread_gate_heads(model, low=0.0, high=2.0, seed=0):
@@ -256,24 +234,21 @@ def train_deepmoe_two_phase(
     callbacks = list(callbacks or [])
     if finetune_callbacks is None:
         finetune_callbacks = [c for c in callbacks if not isinstance(c, GateDensityTarget)]
+    per_phase = (callbacks, list(finetune_callbacks))
 
-    log = PhaseLog(("joint", "finetune"))
+    def fit(index, phase, start, stop, phase_callbacks):
+        return model.fit(x, y, initial_epoch=start, epochs=stop,
+                         validation_data=validation_data, callbacks=phase_callbacks,
+                         **fit_kwargs)
 
-    def run(phase, start, epochs, phase_callbacks):
-        log.add(phase, model.fit(x, y, initial_epoch=start, epochs=start + epochs,
-                                 validation_data=validation_data, callbacks=phase_callbacks,
-                                 **fit_kwargs))
-
-    if joint_epochs:
-        run("joint", 0, joint_epochs, callbacks)
-    set_gating_trainable(model, False)
-    model.gate_l1 = 0.0
-    model.embedding_loss_weight = 0.0
-    recompile(model, finetune_optimizer)
-    if finetune_epochs:
-        run("finetune", joint_epochs, finetune_epochs, list(finetune_callbacks))
-    return DeepMoEHistory(log.histories["joint"], log.histories["finetune"], log.merged,
-                          log.phases)
+    phases = [Phase("joint", joint_epochs),
+              Phase("finetune", finetune_epochs, freeze_gating=True, gate_l1=0.0,
+                    embedding_loss_weight=0.0)]
+    record = run_phases(
+        model, phases, fit, family=DEEPMOE, phase_callbacks=lambda i, p: per_phase[i],
+        recompile_with=lambda i, p: finetune_optimizer if i == 1 else None)
+    return DeepMoEHistory(record.histories["joint"], record.histories["finetune"],
+                          record.history, record.phases)
 
 
 DensityRecord = collections.namedtuple("DensityRecord", ["batch", "density", "gate_l1", "target"])
@@ -298,7 +273,7 @@ def density_ahead(previous, current, batches, lookahead):
 
     Args:
         previous: `{layer name: (examples, channels) gate values}` at the earlier
-            measurement (as `keras_moe.analysis.flops.gate_values` returns).
+            measurement (as `keras_moe.analysis.gates.gate_values` returns).
         current: The same, now (same examples).
         batches: Batches between the two measurements, > 0.
         lookahead: Batches ahead, >= 0.
@@ -473,10 +448,10 @@ class GateDensityTarget(keras.callbacks.Callback):
         """The current density (float in [0, 1]); keeps the gate values for `predicted`."""
         if self.density_fn is not None:
             return float(self.density_fn(self.model))
-        from keras_moe.analysis.flops import densities, gate_values
+        from keras_moe.analysis.gates import densities, gate_values
 
         self._previous_gates, self._gates = self._gates, gate_values(
-            self.model, self.data, batch_size=self.batch_size
+            self.model, self.data, kinds=("gated_conv",), batch_size=self.batch_size
         )
         return densities(self._gates)[1]
 

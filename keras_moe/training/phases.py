@@ -1,279 +1,228 @@
-"""Training phases of the papers.
+"""The phase runner: a sequence of training phases, each with its settings, on one model.
 
-Eigen et al. (paper 001) train a deep mixture of experts in two phases: first with the
-running-assignment constraint in place (an expert whose running total of gate values
-runs more than a margin `m` ahead of the mean is switched off for the example), then
-with the constraint lifted, "in a second fine-tuning phase". The constraint lives in
-`MoEDense(assignment_margin=m)`; this module switches it for every such layer of a
-model, either with `train_eigen_two_phase` (two `fit` calls) or with the
-`LiftAssignmentConstraint` callback inside one `fit`.
+A recipe's `[[phases]]` (`keras_moe.recipes.Phase`) run in order, their epochs numbered
+on. Every way of training here goes through `run_phases`: `keras-moe train`
+(`keras_moe.training.runner`), every `keras-moe tune` trial, `keras-moe bench`, and the
+papers' procedures (`train_deepmoe_two_phase`, `train_eigen_two_phase`), which are thin
+wrappers that make their two phases and call it.
 
-Choices where the paper is silent: the running totals start from zero at the start of
-the constrained phase (`reset_totals=True`); the fine-tuning phase keeps the optimizer
-and its state, optionally with a new learning rate (`free_learning_rate`).
+What a phase's settings do comes from the model's family
+(`keras_moe.zoo.ModelFamily.phase_settings`): `apply_phase` looks each setting up there,
+refuses one the family does not know (naming the families that do), applies it, and
+collects the callbacks it asks for (DeepMoE's density controller). A change of
+trainability recompiles the model with its own compile arguments and the same optimizer
+instance, so the optimizer's state and iteration count (the learning-rate schedule) carry
+on across phases.
 
 Example:
 
->>> from keras_moe.zoo import eigen
->>> model = eigen.dmoe_mnist()
->>> model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
->>> history = train_eigen_two_phase(model, x, y, constrained_epochs=2, free_epochs=1)
+>>> from keras_moe.recipes import Phase
+>>> phases = [Phase("joint", 2), Phase("finetune", 1, freeze_gating=True, gate_l1=0.0)]
+>>> history = run_phases(model, phases, fit=lambda index, phase, start, stop, callbacks:
+...     model.fit(x, y, initial_epoch=start, epochs=stop, callbacks=callbacks),
+...     family=keras_moe.zoo.get_family("deepmoe_resnet56"))
 >>> history.phases
-['constrained', 'constrained', 'free']
-
-Reference:
-    Eigen, Ranzato & Sutskever, "Learning Factored Representations in a Deep Mixture of
-    Experts", 2013, section 3.
+['joint', 'joint', 'finetune']
 """
 
 import dataclasses
 
-import keras
+from keras_moe import compat
+from keras_moe.recipes import PHASE_SETTINGS, RecipeError
+from keras_moe.zoo.registry import PhaseContext
 
-from keras_moe import validation
-from keras_moe.layers import MoEDense
-
-
-def _all_layers(model):
-    if hasattr(model, "_flatten_layers"):
-        return list(model._flatten_layers(include_self=True, recursive=True))
-    found, stack = [], [model]
-    while stack:
-        layer = stack.pop()
-        found.append(layer)
-        stack.extend(getattr(layer, "layers", []))
-    return found
+__all__ = ["PhaseHistory", "apply_phase", "check_phase_settings", "phase_spans", "recompile",
+           "run_phases", "setting_families"]
 
 
-def constrained_moe_layers(model):
-    """Every `MoEDense` in `model` (nested models included) with an assignment margin.
+def recompile(model, optimizer=None):
+    """Compiles `model` again with its own compile arguments (and optimizer instance).
 
     Args:
-        model: A Keras model or layer.
+        model: A compiled Keras model.
+        optimizer: None to keep `model.optimizer` (the same instance, with its state and
+            iteration count), or another optimizer.
 
     Returns:
-        A list of `MoEDense` layers with `assignment_margin` set, in the model's order.
+        The model.
     """
-    layers, seen = [], set()
-    for layer in _all_layers(model):
-        if isinstance(layer, MoEDense) and layer.assignment_margin is not None:
-            if id(layer) not in seen:
-                seen.add(id(layer))
-                layers.append(layer)
-    return layers
+    arguments = compat.compile_arguments(model)
+    if getattr(model, "optimizer", None) is None or arguments is None:
+        raise ValueError("model must be compiled first")
+    arguments["optimizer"] = model.optimizer if optimizer is None else optimizer
+    model.compile(**arguments)
+    return model
 
 
-def _require_layers(model):
-    layers = constrained_moe_layers(model)
-    if not layers:
-        raise ValueError(
-            "model has no MoEDense layer with `assignment_margin` set; Eigen's two-phase "
-            "training needs at least one (e.g. keras_moe.zoo.dmoe_mnist())."
-        )
-    unbuilt = [layer.name for layer in layers if not layer.built]
-    if unbuilt:
-        raise ValueError(
-            f"MoEDense layers {unbuilt} are not built yet; call the model on data (or "
-            "build it) before switching the assignment constraint."
-        )
-    return layers
+def setting_families(key):
+    """Names of the registered families whose models understand phase setting `key`."""
+    from keras_moe import zoo
+
+    return sorted(name for name, family in zoo.list_families().items()
+                  if key in family.phase_settings)
 
 
-def set_assignment_constraints(model, active):
-    """Switches the running-assignment constraint of every constrained `MoEDense` on/off.
+def _undefined_setting(phase, key, family, model_name):
+    owners = setting_families(key)
+    return RecipeError(
+        f"phase {phase.name!r}: {key} applies to models of the {' or '.join(owners) or 'no'} "
+        f"family, and {model_name!r} is a {family.name} model")
+
+
+def check_phase_settings(recipe):
+    """Refuses, before any data is read or model built, a phase setting that the recipe's
+    model family does not define.
+
+    Raises:
+        RecipeError: The setting, the families that define it and the model's family.
+    """
+    from keras_moe import zoo
+
+    family = zoo.get_family(recipe.model.name)
+    for phase in recipe.phases:
+        for key in PHASE_SETTINGS:
+            if getattr(phase, key) is not None and key not in family.phase_settings:
+                raise _undefined_setting(phase, key, family, recipe.model.name)
+
+
+def apply_phase(model, phase, family, context=None):
+    """Applies `phase`'s settings to `model` as its family defines them.
 
     Args:
-        model: A built Keras model with at least one `MoEDense(assignment_margin=m)`.
-        active: True for the constrained phase, False for the fine-tuning phase.
+        model: The compiled model.
+        phase: A `keras_moe.recipes.Phase`.
+        family: The model's `keras_moe.zoo.ModelFamily`.
+        context: A `keras_moe.zoo.PhaseContext` (default: a starting phase, no data).
 
     Returns:
-        The layers switched.
+        `(recompiled, callbacks)`: whether the model was recompiled, and the callbacks
+        the settings ask for during the phase.
+
+    Raises:
+        RecipeError: A setting the family does not define (the message names the
+            families that do), or one that needs the data without it.
     """
-    layers = _require_layers(model)
-    for layer in layers:
-        layer.set_assignment_constraint(bool(active))
-    return layers
+    context = context or PhaseContext(phase)
+    recompiling, callbacks = False, []
+    for key in PHASE_SETTINGS:
+        value = getattr(phase, key)
+        if value is None:
+            continue
+        setting = family.phase_settings.get(key)
+        if setting is None:
+            raise _undefined_setting(phase, key, family, model.name)
+        if setting.needs_data and context.data is None:
+            raise RecipeError(f"phase {phase.name!r}: {key} needs the training data")
+        try:
+            if setting.apply is not None:
+                recompiling = bool(setting.apply(model, value, context)) or recompiling
+            if setting.callbacks is not None:
+                callbacks.extend(setting.callbacks(model, value, context))
+        except ValueError as error:
+            if isinstance(error, RecipeError):
+                raise
+            raise RecipeError(f"phase {phase.name!r}: {key}: {error}") from error
+    if recompiling:
+        recompile(model)
+    return recompiling, callbacks
 
 
-def reset_assignment_totals(model):
-    """Zeroes the running assignment totals of every constrained `MoEDense`.
-
-    Args:
-        model: A built Keras model with at least one `MoEDense(assignment_margin=m)`.
-
-    Returns:
-        The layers reset.
-    """
-    layers = _require_layers(model)
-    for layer in layers:
-        layer.reset_assignment_totals()
-    return layers
-
-
-class LiftAssignmentConstraint(keras.callbacks.Callback):
-    """Callback: constraint on before epoch `lift_at_epoch`, off from it (0-based).
-
-    At the start of every epoch it sets the running-assignment constraint of every
-    `MoEDense(assignment_margin=m)` of the model to `epoch < lift_at_epoch`, so one
-    `model.fit(..., epochs=E)` runs Eigen et al.'s constrained phase for
-    `lift_at_epoch` epochs and the free fine-tuning phase for the rest (resuming with
-    `initial_epoch` works too). `lifted_at` records the epoch it was lifted.
-
-    Args:
-        lift_at_epoch: First epoch (0-based) without the constraint, >= 0.
-        reset_totals: Zero the running totals when training starts inside the
-            constrained phase.
-
-    Example:
-
-    >>> model.fit(x, y, epochs=5, callbacks=[LiftAssignmentConstraint(3)])
-
-    Reference:
-        Eigen, Ranzato & Sutskever, 2013, section 3.
-    """
-
-    def __init__(self, lift_at_epoch, reset_totals=True):
-        super().__init__()
-        self.lift_at_epoch = validation.integer("lift_at_epoch", lift_at_epoch, minimum=0)
-        self.reset_totals = bool(reset_totals)
-        self.lifted_at = None
-
-    def on_train_begin(self, logs=None):
-        self._layers = _require_layers(self.model)
-        self._started = False
-
-    def on_epoch_begin(self, epoch, logs=None):
-        active = epoch < self.lift_at_epoch
-        if not self._started and active and self.reset_totals:
-            for layer in self._layers:
-                layer.reset_assignment_totals()
-        self._started = True
-        for layer in self._layers:
-            layer.set_assignment_constraint(active)
-        if not active and self.lifted_at is None:
-            self.lifted_at = epoch
-
-    def get_config(self):
-        return {"lift_at_epoch": self.lift_at_epoch, "reset_totals": self.reset_totals}
-
-
-class PhaseLog:
-    """Histories of consecutive `model.fit` phases, merged epoch by epoch.
-
-    `add(name, history)` files one phase's `History`; `histories[name]` is that
-    History, `merged` the per-metric lists over all phases (a key logged in one phase
-    only has that phase's entries) and `phases` the phase name of each epoch.
-    """
-
-    def __init__(self, names):
-        self.histories = {name: None for name in names}
-        self.merged = {}
-        self.phases = []
-
-    def add(self, name, history):
-        self.histories[name] = history
-        for key, values in history.history.items():
-            self.merged.setdefault(key, []).extend(values)
-        self.phases.extend([name] * len(next(iter(history.history.values()), [])))
+def phase_spans(phases):
+    """`[(first epoch, end epoch)]` of each phase, epochs numbered on across phases."""
+    spans, first = [], 0
+    for phase in phases:
+        spans.append((first, first + phase.epochs))
+        first += phase.epochs
+    return spans
 
 
 @dataclasses.dataclass
-class TwoPhaseHistory:
-    """What `train_eigen_two_phase` returns.
+class PhaseHistory:
+    """What `run_phases` returns.
 
     Attributes:
-        constrained: The `History` of the constrained phase (None if it had 0 epochs).
-        free: The `History` of the fine-tuning phase (None if it had 0 epochs).
-        history: Per-metric lists over both phases, epoch by epoch.
-        phases: `"constrained"` or `"free"` for each epoch of `history`.
+        histories: `{phase name: the History of its fit}` (None for a phase that trained
+            no epoch here).
+        history: Per-metric lists over all phases, epoch by epoch (a key logged in one
+            phase only has that phase's entries).
+        phases: The phase name of each epoch of `history`.
+        last_logs: The last epoch's logs (empty if no epoch ran).
     """
 
-    constrained: object
-    free: object
+    histories: dict
     history: dict
     phases: list
+    last_logs: dict
+
+    def add(self, name, history):
+        self.histories[name] = history
+        if history is None:
+            return
+        for key, values in history.history.items():
+            self.history.setdefault(key, []).extend(values)
+        epochs = len(next(iter(history.history.values()), []))
+        self.phases.extend([name] * epochs)
+        if epochs:
+            self.last_logs = {k: float(v[-1]) for k, v in history.history.items() if v}
 
 
-def train_eigen_two_phase(
-    model,
-    x=None,
-    y=None,
-    *,
-    constrained_epochs,
-    free_epochs,
-    free_learning_rate=None,
-    reset_totals=True,
-    callbacks=None,
-    **fit_kwargs,
-):
-    """Eigen et al.'s training: constrained phase, then the constraint lifted.
-
-    Runs `model.fit` for `constrained_epochs` with the running-assignment constraint of
-    every `MoEDense(assignment_margin=m)` switched on, then switches it off and runs
-    `free_epochs` more (epochs numbered on from the first phase). The model must be
-    compiled. The constraint is left off at the end (inference never applies it).
+def run_phases(model, phases, fit, *, family, data=None, probe=None, start_epoch=0,
+               stop_epoch=None, restored_phases=0, resumed=(), callbacks=(),
+               phase_callbacks=None, after_phase=None, recompile_with=None, verbose=0):
+    """Runs `phases` on `model` in order: each phase's settings, then its epochs.
 
     Args:
-        model: A compiled Keras model with at least one constrained `MoEDense`.
-        x: Training inputs, as for `model.fit` (arrays or a `tf.data.Dataset`).
-        y: Training targets, as for `model.fit`.
-        constrained_epochs: Epochs with the constraint, >= 0.
-        free_epochs: Fine-tuning epochs without it, >= 0.
-        free_learning_rate: None to keep the optimizer's learning rate, or a new
-            learning rate (> 0) for the fine-tuning phase (the paper gives none).
-        reset_totals: Zero the running totals before the constrained phase.
-        callbacks: Callbacks for both phases.
-        **fit_kwargs: Other `model.fit` arguments (batch_size, validation_data,
-            verbose, ...); not `epochs` or `initial_epoch`.
+        model: The compiled model.
+        phases: `keras_moe.recipes.Phase` objects (a recipe's `phases`).
+        fit: `fit(index, phase, start, stop, callbacks) -> History or None`: trains
+            epochs `[start, stop)` of phase `index` (e.g. `model.fit(...,
+            initial_epoch=start, epochs=stop, callbacks=callbacks)`).
+        family: The model's `keras_moe.zoo.ModelFamily` (what the settings do).
+        data: The `RecipeData`, for settings that need the training data.
+        probe: Inputs for settings that measure the model (default `data.probe`).
+        start_epoch: Epochs before this are done (a continued run): phases ending before
+            it only get their settings re-applied, not as starting phases.
+        stop_epoch: Train up to this epoch (None: all); later phases are not applied.
+        restored_phases: This many leading phases are skipped entirely: the model was
+            restored from a state that already has their settings (a phase checkpoint).
+        resumed: Indices of phases continued part-way (from a backup): their settings
+            are applied, their start-of-phase steps are not redone.
+        callbacks: Callbacks for every phase.
+        phase_callbacks: `phase_callbacks(index, phase) -> list` of more callbacks.
+        after_phase: `after_phase(index, phase)`, called once each applied phase is done.
+        recompile_with: `recompile_with(index, phase) -> optimizer or None`: an optimizer
+            to recompile with before the phase (None: keep the model's).
+        verbose: Progress output of the settings (e.g. the t-SNE map's fit).
 
     Returns:
-        A `TwoPhaseHistory`.
+        A `PhaseHistory`.
 
-    Example:
-
-    >>> history = train_eigen_two_phase(model, x, y, constrained_epochs=3,
-    ...                                 free_epochs=2, batch_size=128, verbose=0)
-    >>> history.phases
-    ['constrained', 'constrained', 'constrained', 'free', 'free']
-
-    Reference:
-        Eigen, Ranzato & Sutskever, 2013, section 3.
+    Raises:
+        RecipeError: A phase setting the family does not define, or that needs data.
     """
-    constrained_epochs = validation.integer("constrained_epochs", constrained_epochs, 0)
-    free_epochs = validation.integer("free_epochs", free_epochs, 0)
-    if free_learning_rate is not None:
-        validation.positive_float("free_learning_rate", free_learning_rate)
-    for key in ("epochs", "initial_epoch"):
-        if key in fit_kwargs:
-            raise ValueError(
-                f"{key} must not be passed to train_eigen_two_phase; use "
-                "constrained_epochs and free_epochs"
-            )
-    if getattr(model, "optimizer", None) is None:
-        raise ValueError("model must be compiled before train_eigen_two_phase")
-    _require_layers(model)
-
-    log = PhaseLog(("constrained", "free"))
-
-    def run(phase, start, epochs):
-        log.add(phase, model.fit(x, y, initial_epoch=start, epochs=start + epochs,
-                                 callbacks=callbacks, **fit_kwargs))
-
-    if constrained_epochs:
-        if reset_totals:
-            reset_assignment_totals(model)
-        set_assignment_constraints(model, True)
-        run("constrained", 0, constrained_epochs)
-    set_assignment_constraints(model, False)
-    if free_epochs:
-        if free_learning_rate is not None:
-            learning_rate = model.optimizer.learning_rate
-            if not hasattr(learning_rate, "assign"):
-                raise ValueError(
-                    "free_learning_rate needs an optimizer with a constant learning rate "
-                    "(a variable), not a schedule"
-                )
-            learning_rate.assign(free_learning_rate)
-        run("free", constrained_epochs, free_epochs)
-    return TwoPhaseHistory(log.histories["constrained"], log.histories["free"], log.merged,
-                           log.phases)
+    spans = phase_spans(phases)
+    total = spans[-1][1] if spans else 0
+    stop = total if stop_epoch is None else min(int(stop_epoch), total)
+    if probe is None and data is not None:
+        probe = data.probe
+    record = PhaseHistory({p.name: None for p in phases}, {}, [], {})
+    for index, (phase, (first, last)) in enumerate(zip(phases, spans)):
+        if index < restored_phases:
+            continue
+        if index > 0 and (first > stop or (first == stop and phase.epochs > 0)):
+            break
+        starting = first >= start_epoch and index not in resumed
+        context = PhaseContext(phase, starting=starting, data=data, probe=probe,
+                               verbose=verbose)
+        optimizer = recompile_with(index, phase) if recompile_with else None
+        if optimizer is not None:
+            recompile(model, optimizer)
+        _, setting_callbacks = apply_phase(model, phase, family, context)
+        start, end = max(first, start_epoch), min(last, stop)
+        if end > start:
+            extra = list(phase_callbacks(index, phase)) if phase_callbacks else []
+            record.add(phase.name, fit(index, phase, start, end,
+                                       list(callbacks) + setting_callbacks + extra))
+        if after_phase is not None:
+            after_phase(index, phase)
+    return record

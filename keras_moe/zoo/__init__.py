@@ -1,8 +1,10 @@
-"""Model zoo: one builder per model of the papers, and the registry that lists them.
+"""Model zoo: one builder per model of the papers, the registry that lists them, and the
+family each belongs to.
 
-Modules, one per paper family; each registers its builders on import:
+Modules, one per paper family; each registers its family and its builders on import:
 
-- `deepmoe`: DeepMoE ResNets and VGG-16 (Wang et al.) and their plain baselines.
+- `deepmoe` (a package): DeepMoE ResNets, VGG-16 and DRN-A-50 (Wang et al.) and their
+  plain baselines; `DeepMoEModel`.
 - `eigen`: Eigen et al.'s deep MoE on jittered MNIST, its Table 1 baselines, monophone.
 - `two_domain`: the MNIST + CIFAR-10 two-expert experiment (conv, dense, oracle gates).
 - `spatially_sparse`: `tsne_moe`, the t-SNE-gated spatially sparse MoE, and its dense MLP baseline.
@@ -14,16 +16,31 @@ Example:
 >>> zoo.list_models()
 >>> model = zoo.deepmoe_resnet56(num_classes=10)        # every builder is an attribute
 >>> model = zoo.get_model("deepmoe_resnet56", num_classes=10)  # or by name
+>>> zoo.get_family("deepmoe_resnet56").phases_for(6)     # Procedure 1's two phases
 """
 
-from keras_moe.zoo import deepmoe  # noqa: F401  (registers its builders)
+from keras_moe.zoo import deepmoe  # noqa: F401  (registers its families and builders)
 from keras_moe.zoo import eigen  # noqa: F401
 from keras_moe.zoo import shazeer  # noqa: F401
 from keras_moe.zoo import spatially_sparse  # noqa: F401
 from keras_moe.zoo import two_domain  # noqa: F401
-from keras_moe.zoo.registry import describe, get_builder, get_model, list_models, register_model
+from keras_moe.zoo.registry import (
+    ModelFamily,
+    PhaseContext,
+    PhaseSetting,
+    describe,
+    get_builder,
+    get_family,
+    get_model,
+    list_families,
+    list_models,
+    register_family,
+    register_model,
+)
 
-__all__ = ["describe", "get_builder", "get_model", "list_models", "register_model"]
+__all__ = ["ModelFamily", "PhaseContext", "PhaseSetting", "describe", "get_builder",
+           "get_family", "get_model", "list_families", "list_models", "register_family",
+           "register_model"]
 
 
 def __getattr__(name):

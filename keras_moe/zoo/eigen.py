@@ -31,17 +31,28 @@ Choices where the paper is silent (each is a keyword):
   worth of gate mass ahead of the mean total, less than one batch of 128, so assignments
   stay balanced from the first steps while the gates stay free to specialise within
   that slack. Set `assignment_margin=None` for no constraint. Lift it for the paper's
-  fine-tuning phase with `keras_moe.training.phases`.
+  fine-tuning phase (a recipe phase's `assignment_constraint = false`, or
+  `keras_moe.training.eigen`).
 - Every MoE layer returns its gates as a second output tensor (`return_gates=True`) so
   `keras_moe.analysis.gating.gating_model(model)` can read them; the model's only output
   is the class scores.
+
+The family (`EIGEN`): recipe phases may switch the running-assignment constraint
+(`assignment_constraint`; switching it on at a phase's start zeroes the running
+totals), and `keras-moe tune` searches the experts per layer and the margin.
 """
 
 import keras
 
 from keras_moe import validation
 from keras_moe.layers import MoEDense
-from keras_moe.zoo.registry import register_model
+from keras_moe.zoo.eigen_constraint import (  # noqa: F401 (the family's helpers)
+    constrained_moe_layers,
+    require_constrained_layers,
+    reset_assignment_totals,
+    set_assignment_constraints,
+)
+from keras_moe.zoo.registry import ModelFamily, PhaseSetting, register_family, register_model
 
 DEFAULT_ASSIGNMENT_MARGIN = 100.0
 SECOND_LAYERS = ("mixture", "single", "concat")
@@ -68,6 +79,24 @@ PAPER_TABLE1 = {
     "4x100 (one layer)": {"single": (2.86, 2.99), "mixture": (1.72, 1.78),
                           "concat": (1.69, 1.59)},
 }
+
+
+# The family ------------------------------------------------------------------------------
+
+
+def _assignment_constraint(model, value, context):
+    if value and context.starting:
+        reset_assignment_totals(model)  # the running totals start from zero (our choice)
+    set_assignment_constraints(model, value)
+    return False
+
+
+EIGEN = register_family(ModelFamily(
+    name="eigen",
+    description="Eigen et al. 2013: deep mixture of experts with the assignment constraint",
+    search_space=(("experts", "experts_per_layer"), ("assignment_margin", "decade")),
+    phase_settings={"assignment_constraint": PhaseSetting(apply=_assignment_constraint)},
+))
 
 
 # Argument checks ---------------------------------------------------------------------------
@@ -242,7 +271,7 @@ def _deep_moe(input_shape, num_classes, experts, units, gate_hidden_units, secon
     return keras.Model(inputs, outputs, name=name)
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist(
     *,
     input_shape=(36, 36, 1),
@@ -299,7 +328,7 @@ def dmoe_mnist(
                      name=f"dmoe_mnist_{second_layer}")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist_single_expert(
     *,
     input_shape=(36, 36, 1),
@@ -343,7 +372,7 @@ def dmoe_mnist_single_expert(
                      name="dmoe_mnist_single_expert")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist_concat(
     *,
     input_shape=(36, 36, 1),
@@ -387,7 +416,7 @@ def dmoe_mnist_concat(
                      name="dmoe_mnist_concat")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist_dnn(
     *,
     input_shape=(36, 36, 1),
@@ -441,7 +470,7 @@ def dmoe_mnist_dnn(
     return keras.Model(inputs, outputs, name="dmoe_mnist_dnn")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_mnist_one_layer(
     *,
     input_shape=(36, 36, 1),
@@ -501,7 +530,7 @@ def dmoe_mnist_one_layer(
     return keras.Model(inputs, outputs, name=f"dmoe_one_layer_{layer}")
 
 
-@register_model
+@register_model(family=EIGEN)
 def dmoe_monophone(
     *,
     input_shape=(440,),

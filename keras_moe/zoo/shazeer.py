@@ -9,10 +9,17 @@ import keras
 from keras_moe import regularizers
 from keras_moe import validation
 from keras_moe.layers.moe_dense import MoEDense
-from keras_moe.zoo.registry import register_model
+from keras_moe.zoo.registry import ModelFamily, register_family, register_model
+
+SHAZEER = register_family(ModelFamily(
+    name="shazeer",
+    description="Shazeer et al. 2017: noisy top-k MoE layers with importance and load losses",
+    search_space=(("num_experts", "experts"), ("top_k", "top_k"),
+                  ("importance_weight", "decade"), ("load_weight", "decade")),
+))
 
 
-@register_model
+@register_model(family=SHAZEER)
 def sparse_moe_classifier(
     *,
     input_shape=(28, 28, 1),

@@ -6,7 +6,13 @@
   baseline).
 - `tsne_moe_dense_mlp`: the dense two-hidden-layer MLP baseline, sized with
   `matched_dense_width` to the weights the MoE uses per example.
-- Helpers: `gate_model` (the gate-output dict of a built model), `weights_per_example`.
+- Helpers: `fit_tsne_map` (the paper's first step: fit the map, place the experts on
+  it), `weights_per_example`. The gate-output dict of a built model:
+  `keras_moe.analysis.gates.gate_model(model, "gate", outputs="all")`.
+
+The family (`TSNE`): a recipe phase's `tsne_map_epochs = N` fits the map for N epochs on
+the training inputs at that phase's start (`fit_tsne_map`); `keras-moe tune` searches the
+number of experts, k and the t-SNE weight.
 
 Reference:
     Byrne & Santerre, "Spatially Sparse Mixture of Experts" (`shared/papers/000`).
@@ -20,19 +26,86 @@ import numpy as np
 from keras_moe import validation
 from keras_moe.layers.expert_clusters import ExpertClusters
 from keras_moe.layers.gates import SoftmaxGate
-from keras_moe.layers.tsne_gate import ParametricTSNEMap, TSNEGate
-from keras_moe.zoo.registry import register_model
+from keras_moe.layers.tsne_gate import (
+    ParametricTSNEMap,
+    TSNEGate,
+    fit_parametric_tsne,
+    nearest_neighbour_sq_distance,
+)
+from keras_moe.zoo.registry import ModelFamily, PhaseSetting, register_family, register_model
 
 __all__ = [
+    "TSNE",
+    "fit_tsne_map",
     "tsne_moe",
     "tsne_moe_dense_mlp",
-    "gate_model",
     "matched_dense_width",
     "weights_per_example",
 ]
 
 GATES = ("tsne", "softmax")
 MAP_TRAINING = ("frozen", "joint")
+
+
+def fit_tsne_map(model, data, epochs, *, batch_size=500, num_examples=10000, seed=0,
+                 verbose=0):
+    """The t-SNE-gated MoE's first step (paper 000): fits the model's t-SNE map on the
+    training inputs, places the experts at k-means centres of the mapped points and sets
+    the gate's temperature to the mean squared nearest-neighbour distance between experts
+    (`keras_moe.layers.tsne_gate.nearest_neighbour_sq_distance`).
+
+    Uses the first `num_examples` training inputs (the map's pairwise affinities are
+    computed per batch of `batch_size`). The map keeps its trainability (frozen for
+    `map_training="frozen"`, the paper's procedure).
+
+    Args:
+        model: A `tsne_moe` model with `gate="tsne"`.
+        data: The run's `RecipeData` (its `train_inputs(limit)` gives the inputs).
+        epochs: Epochs of the map's fit, >= 1.
+        batch_size: Batch size of the map's fit.
+        num_examples: Training inputs used at most.
+        seed: Seed of the fit's shuffling and of the k-means placement.
+        verbose: `fit` verbosity of the map's fit (1 a progress bar, 2 a line per epoch).
+
+    Returns:
+        The mapped points `(examples, 2)`.
+
+    Raises:
+        ValueError: The model has no `TSNEGate` with a map.
+    """
+    gate = next((layer for layer in model.layers if isinstance(layer, TSNEGate)), None)
+    if gate is None or gate.mapping is None:
+        raise ValueError(
+            f"tsne_map_epochs applies to t-SNE-gated models (a TSNEGate with a map); "
+            f"{model.name!r} has none")
+    tsne_map = gate.mapping
+    features = keras.Model(model.inputs, gate.input).predict(
+        data.train_inputs(num_examples), batch_size=1000, verbose=0)
+    trainable = tsne_map.trainable
+    fit_parametric_tsne(tsne_map, features, batch_size=min(batch_size, len(features)),
+                        epochs=epochs, seed=seed, verbose=verbose)
+    tsne_map.trainable = trainable
+    points = keras.ops.convert_to_numpy(tsne_map(features))
+    positions = gate.init_positions(points, method="kmeans", seed=seed)
+    gate.temperature = float(nearest_neighbour_sq_distance(np.asarray(positions)))
+    return points
+
+
+def _fit_map(model, value, context):
+    if context.starting:
+        if context.verbose:
+            print(f"phase {context.phase.name!r}: fitting the t-SNE map for {value} "
+                  "epoch(s) on the training inputs", flush=True)
+        fit_tsne_map(model, context.data, value, verbose=context.verbose)
+    return True
+
+
+TSNE = register_family(ModelFamily(
+    name="tsne",
+    description="paper 000: t-SNE-gated spatially sparse MoE and its dense baseline",
+    search_space=(("num_experts", "experts"), ("top_k", "top_k"), ("tsne_weight", "decade")),
+    phase_settings={"tsne_map_epochs": PhaseSetting(apply=_fit_map, needs_data=True)},
+))
 
 
 def _image_features(input_shape):
@@ -51,7 +124,7 @@ def _check_shape(input_shape, num_classes):
     return validation.integer("num_classes", num_classes, minimum=2)
 
 
-@register_model
+@register_model(family=TSNE)
 def tsne_moe(
     *,
     input_shape=(28, 28, 1),
@@ -168,7 +241,7 @@ def tsne_moe(
     return keras.Model(inputs, logits, name=f"tsne_moe_{gate}")
 
 
-@register_model
+@register_model(family=TSNE)
 def tsne_moe_dense_mlp(*, input_shape=(28, 28, 1), num_classes=10, hidden_units=(256, 256)):
     """Dense MLP baseline of tsne_moe (size it with matched_dense_width)."""
     num_classes = _check_shape(input_shape, num_classes)
@@ -189,25 +262,6 @@ def matched_dense_width(weights, input_dim, num_classes):
     """
     b = input_dim + num_classes
     return max(1, int(round((-b + math.sqrt(b * b + 4.0 * float(weights))) / 2.0)))
-
-
-def gate_model(model):
-    """A model from the inputs of a `tsne_moe` model to its per-example gate outputs.
-
-    Returns a `keras.Model` whose output is the gate-output dict without `"load"` (a
-    per-batch statistic, which `predict` cannot concatenate): `"gates"`,
-    `"dispatch_mask"`, `"logits"`, `"probs"`, top-k entries and, for the t-SNE gate,
-    `"embedding"` (the 2-D map points).
-    """
-    layer = model.get_layer("gate")
-    flat = layer.output  # Keras flattens a dict output in sorted-key order.
-    if isinstance(flat, dict):
-        outputs = dict(flat)
-    else:
-        probe = layer(np.zeros((1,) + tuple(layer.input.shape[1:]), "float32"))
-        outputs = dict(zip(sorted(probe), flat))
-    outputs.pop("load", None)
-    return keras.Model(model.inputs, outputs)
 
 
 def weights_per_example(model, dispatch_mask):

@@ -7,8 +7,9 @@ Builders:
   `ExpertMixture`; the oracle gate (the paper's baseline, two distinct experts) reads
   each example's domain.
 
-Helper: `two_domain_gate_model(model)` (a model from the same inputs to the gates); the
-paper's [domain x expert] table is `keras_moe.analysis.activation_rates(gates, domain)`.
+The gates of a built model: `keras_moe.analysis.gates.gate_model(model, "mixture")` (a
+model from the same inputs to the gates); the paper's [domain x expert] table is
+`keras_moe.analysis.activation_rates(gates, domain)`.
 """
 
 import keras
@@ -16,11 +17,17 @@ import keras
 from keras_moe import regularizers
 from keras_moe import validation
 from keras_moe.layers.expert_mixture import ExpertMixture
-from keras_moe.zoo.registry import register_model
+from keras_moe.zoo.registry import ModelFamily, register_family, register_model
 
 GATES = ("conv", "dense", "oracle")
 GATE_LOSSES = (None, "entropy", "variance")
 MIXTURE_NAME = "mixture"
+
+TWO_DOMAIN = register_family(ModelFamily(
+    name="two_domain",
+    description="paper 002: two conv experts on MNIST + CIFAR-10, gate losses",
+    search_space=(("alpha", "decade"), ("beta", "decade")),
+))
 
 
 def _conv_expert(input_shape, num_classes, filters, units, name):
@@ -69,7 +76,7 @@ def _dense_gate(input_shape, num_experts, units):
     )
 
 
-@register_model
+@register_model(family=TWO_DOMAIN)
 def two_domain_moe(
     *,
     input_shape=(32, 32, 1),
@@ -105,8 +112,8 @@ def two_domain_moe(
 
     The model outputs the mixed logits (`output="logits"`, compile with
     `SparseCategoricalCrossentropy(from_logits=True)`; the paper's `Y'` is their
-    softmax) or `Y'` itself (`output="probabilities"`). `two_domain_gate_model(model)`
-    gives the gates.
+    softmax) or `Y'` itself (`output="probabilities"`). `analysis.gates.gate_model(model,
+    "mixture")` gives the gates.
 
     Gate losses (added in training only, batch 128 in the paper):
 
@@ -139,7 +146,7 @@ def two_domain_moe(
     >>> model = two_domain_moe(gate="dense", gate_loss="entropy")
     >>> model.output.shape
     (None, 20)
-    >>> gates = two_domain_gate_model(model)
+    >>> gates = keras_moe.analysis.gates.gate_model(model, "mixture")
 
     Reference:
         "Mixture of Experts - Experiment 1" (`shared/papers/002`).
@@ -195,19 +202,3 @@ def two_domain_moe(
         inputs = image
     suffix = f"_{gate_loss}" if gate_loss else ""
     return keras.Model(inputs, outputs, name=f"two_domain_moe_{gate}{suffix}")
-
-
-def two_domain_gate_model(model):
-    """A model from `model`'s inputs to its gates `(batch, num_experts)`.
-
-    Works on a model from `two_domain_moe` (also after `.keras` save and load): it reads
-    the gates the `ExpertMixture` named `"mixture"` returns.
-    """
-    layer = model.get_layer(MIXTURE_NAME)
-    if not isinstance(layer, ExpertMixture) or not layer.return_gates:
-        raise ValueError(
-            "model must come from two_domain_moe (an ExpertMixture named 'mixture' "
-            "built with return_gates=True)."
-        )
-    return keras.Model(model.input, layer.output[1], name=f"{model.name}_gates")
-

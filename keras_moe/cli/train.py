@@ -1,0 +1,157 @@
+"""`keras-moe train`: a recipe into a run directory; `--resume` continues one as started."""
+
+import sys
+
+from keras_moe.cli.common import (
+    DEFAULT_CLASSIFY,
+    DEFAULT_SEED,
+    UsageError,
+    flag_assignments,
+    flag_name,
+    resolve_recipe,
+    run_client,
+    strategy_named,
+    with_epochs,
+)
+
+def _given_settings(args):
+    """`{RunSettings field: (value, flag text)}` of the run flags given on the command line."""
+    given = {}
+    if args.seed is not None:
+        given["seed"] = (args.seed, f"--seed {args.seed}")
+    if args.deterministic:
+        given["deterministic"] = (True, "--deterministic")
+    if args.data_dir is not None:
+        given["data_dir"] = (args.data_dir, f"--data-dir {args.data_dir}")
+    if args.strategy is not None:
+        given["strategy"] = (args.strategy, f"--strategy {args.strategy}")
+    if args.no_export:
+        given["export"] = (False, "--no-export")
+    if args.gates:
+        given["gates"] = (True, "--gates")
+    if args.classify is not None:
+        given["classify"] = (args.classify, f"--classify {args.classify}")
+    return given
+
+
+def _new_run_settings(args):
+    from keras_moe.training.run_dir import RunSettings
+
+    given = {key: value for key, (value, _) in _given_settings(args).items()}
+    defaults = {"seed": DEFAULT_SEED, "classify": DEFAULT_CLASSIFY}
+    return RunSettings(**{**defaults, **given})
+
+
+def _resumed_run(args, out):
+    """The stored recipe and settings of the run in `out`; refuses contradicting flags."""
+    from keras_moe import recipes
+    from keras_moe.training.run_dir import RunSettings, prepare_run_dir
+
+    recipe, settings = prepare_run_dir(out, None, resume=True)
+    contradictions = []
+    if settings is None:  # a run started before run.json was written
+        print(f"keras-moe train: {out} has no run.json (an older run): its seed, "
+              "determinism and export choices come from this command's flags",
+              file=sys.stderr)
+        settings = _new_run_settings(args)
+    else:
+        for key, (value, flag) in _given_settings(args).items():
+            stored = getattr(settings, key)
+            if value != stored:
+                contradictions.append(f"{flag} (the run has {key} = {stored!r})")
+    if args.target is not None and args.target not in (recipe.name, recipe.source):
+        contradictions.append(f"{args.target!r} (the run trains recipe {recipe.name!r})")
+    for flag, assignment in flag_assignments(args):
+        try:
+            changed = recipe.override([assignment]).to_dict() != recipe.to_dict()
+        except recipes.RecipeError as error:
+            raise UsageError(f"--resume: {flag_name(flag, assignment)}: {error}") from None
+        if changed:
+            contradictions.append(f"{flag_name(flag, assignment)} (not what the run's "
+                                  "recipe.toml has)")
+    if getattr(args, "epochs", None) is not None:
+        if with_epochs(recipe, args.epochs).to_dict() != recipe.to_dict():
+            contradictions.append(f"--epochs {args.epochs} (the run's recipe.toml differs)")
+    if contradictions:
+        raise UsageError(
+            f"--resume continues the run in {out} as it was started (recipe.toml, "
+            f"run.json); these flags contradict it: {'; '.join(contradictions)}. Leave "
+            "them out, or train into a new --out")
+    assert isinstance(settings, RunSettings)
+    return recipe, settings
+
+
+def train(args):
+    import pathlib
+
+    from keras_moe.training import run_dir as run_dir_lib
+    from keras_moe.training import runner
+
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out, the run directory to continue")
+    if args.classify is not None and args.classify < 0:
+        raise UsageError(f"--classify must be >= 0 (0: none), got {args.classify}")
+    if args.resume:
+        recipe, settings = _resumed_run(args, pathlib.Path(args.out))
+    else:
+        recipe, settings = None, _new_run_settings(args)
+    # First: MultiWorkerMirroredStrategy must be created before any other TensorFlow op.
+    strategy = strategy_named(settings.strategy)
+    if recipe is None:
+        recipe = resolve_recipe(args.target, args)
+    out = pathlib.Path(args.out) if args.out else run_dir_lib.default_run_dir(recipe)
+    if settings.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    chief = runner.is_chief(strategy)
+    if chief:
+        print(f"run directory: {out}")
+    else:
+        print(f"non-chief worker of a multi-worker run: the chief writes the run directory "
+              f"({out}); this worker's files go to a temporary directory")
+    result = runner.train_recipe(
+        recipe, out, strategy=strategy, resume=args.resume, data_dir=settings.data_dir,
+        seed=settings.seed, verbose=args.verbose, command=["keras-moe"] + sys.argv[1:],
+        settings=settings)
+    if not result.chief:
+        print("training finished; the chief writes the report and the SavedModel")
+        return 0
+    return _finish_run(result, out, settings)
+
+
+def _finish_run(result, out, settings):
+    """Report, SavedModel and the fresh-process classification of a finished run."""
+    import numpy as np
+
+    from keras_moe.analysis import report as report_lib
+    from keras_moe.training.datasets import class_names
+
+    model, data, history, recipe = result.model, result.data, result.history, result.recipe
+    report = report_lib.make_report(model, data, history, recipe=recipe,
+                                    seconds=result.seconds)
+    text = report_lib.write_report(report, history, out)
+    print()
+    print(text)
+    print(f"\nreport: {out / 'report.txt'}, {out / 'report.png'}; TensorBoard: "
+          f"tensorboard --logdir {out / 'logs'}")
+    if not settings.export:
+        return 0
+    from keras_moe.export import export_saved_model
+
+    saved = export_saved_model(model, out / "saved_model", return_gates=settings.gates)
+    print(f"SavedModel: {saved} (serving_default: images -> probabilities"
+          + (", gates_<layer>" if settings.gates else "") + ")")
+    images = data.probe if not isinstance(data.probe, dict) else None
+    if images is None or settings.classify <= 0:
+        return 0
+    count = min(settings.classify, len(images))
+    expected = report_lib.probabilities(model, images[:count])
+    names = class_names(recipe.data.dataset, data.num_classes, data.source)
+    batch = out / "classify_input.npz"
+    np.savez(batch, images=images[:count].astype("float32"),
+             labels=data.probe_labels[:count], class_names=np.array(names),
+             expected=expected)
+    print(f"\nreloading {saved} in a fresh Python process (TensorFlow only) to classify "
+          f"{count} test images:")
+    return run_client(saved, batch, out / "classify_output.json", expected)

@@ -1,0 +1,115 @@
+"""`keras_moe.training.run_dir`: atomic writes, epoch backups and their fallback, the
+history, the run settings, refusals."""
+
+import json
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from keras_moe.training import run_dir
+
+
+def _model():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile("adam", "mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)  # optimizer state to back up
+    return model
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    run_dir.atomic_write(path, "old")
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        run_dir.atomic_write(path, "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["report.json"]
+
+
+def test_backups_keep_the_previous_one_and_a_damaged_newest_falls_back(tmp_path):
+    model = _model()
+    backup = run_dir.EpochBackup(tmp_path / "b")
+    backup.set_model(model)
+    for epoch in range(3):
+        backup.on_epoch_end(epoch)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "epoch-2.settings.json", "epoch-2.weights.h5", "epoch-3.settings.json",
+        "epoch-3.weights.h5"]
+    state = run_dir.BackupState.find(tmp_path / "b")
+    assert state.epoch == 3 and not state.skipped
+    newest = tmp_path / "b" / "epoch-3.weights.h5"
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    state = run_dir.BackupState.find(tmp_path / "b")
+    assert state.epoch == 2 and state.skipped[0][0] == newest
+    lines = state.describe(default_epoch=0)
+    assert "epoch-3.weights.h5 is not readable" in lines[0] and "falling back" in lines[0]
+    assert lines[1].startswith("resuming at epoch 3 from")
+    # The restored backup holds weights and optimizer state.
+    other = _model()
+    restore = run_dir.EpochBackup(tmp_path / "b", restore=state.path)
+    restore.set_model(other)
+    restore.on_train_begin()
+    for a, b in zip(other.get_weights() + [v.numpy() for v in other.optimizer.variables],
+                    model.get_weights() + [v.numpy() for v in model.optimizer.variables]):
+        np.testing.assert_array_equal(a, b)
+    with h5py.File(state.path, "r") as f:
+        assert "optimizer" in f
+
+
+def test_a_torn_history_line_is_skipped_and_a_re_run_epoch_keeps_its_last_row(tmp_path):
+    rows = [{"phase": "a", "epoch": 0, "loss": 1.0}, {"phase": "a", "epoch": 1, "loss": 0.9},
+            {"phase": "a", "epoch": 1, "loss": 0.8}]
+    (tmp_path / "history.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + '{"phase": "a", "epo')
+    assert run_dir.read_history(tmp_path) == [rows[0], rows[2]]
+
+
+def test_run_settings_are_written_with_the_run_and_read_back(tmp_path):
+    from keras_moe.recipes import load_recipe
+
+    recipe = load_recipe("sparse_moe_fashion_mnist").override(["data.train_size=64",
+                                                                "model.units=8"])
+    settings = run_dir.RunSettings(seed=3, deterministic=True, export=False, classify=0)
+    run_dir.prepare_run_dir(tmp_path / "run", recipe, settings=settings)
+    assert run_dir.read_settings(tmp_path / "run") == settings
+    header = (tmp_path / "run" / "recipe.toml").read_text().splitlines()[0]
+    # The origin once, with each assignment once (it used to read "(with --set) (with --set)").
+    assert header.endswith("sparse_moe_fashion_mnist.toml with --set data.train_size=64 "
+                           "model.units=8") and "(with --set)" not in header
+    again, stored = run_dir.prepare_run_dir(tmp_path / "run", None, resume=True)
+    assert stored == settings and again.data.train_size == 64
+    with pytest.raises(run_dir.RunDirectoryError, match="unfinished run.*--resume"):
+        run_dir.prepare_run_dir(tmp_path / "run", recipe)
+
+
+def test_a_backup_restores_layer_settings_that_are_not_weights(tmp_path):
+    """The t-SNE phase sets the gate's temperature at its start; a resume inside the
+    phase does not redo that start, so the backup must carry it."""
+    from keras_moe import zoo
+
+    def build():
+        model = zoo.tsne_moe(num_experts=4, top_k=2, expert_units=2, map_hidden_units=(4,),
+                             input_shape=(4, 4, 1))
+        model.compile("adam", "sparse_categorical_crossentropy")
+        return model
+
+    model = build()
+    model.get_layer("gate").temperature = 0.37
+    backup = run_dir.EpochBackup(tmp_path / "b")
+    backup.set_model(model)
+    backup.on_epoch_end(0)
+    other = build()
+    assert other.get_layer("gate").temperature == 1.0
+    restore = run_dir.EpochBackup(tmp_path / "b",
+                                  restore=run_dir.BackupState.find(tmp_path / "b").path)
+    restore.set_model(other)
+    restore.on_train_begin()
+    assert other.get_layer("gate").temperature == 0.37
