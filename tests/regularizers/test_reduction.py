@@ -13,10 +13,10 @@ import pytest
 from keras import ops
 
 from keras_moe import regularizers as R
-from regularizer_references import RTOL
-from regularizer_references import random_gates
-from regularizer_references import requires_jax
-from regularizer_references import top_k_gates
+from regularizers.regularizer_references import RTOL
+from regularizers.regularizer_references import random_gates
+from regularizers.regularizer_references import requires_jax
+from regularizers.regularizer_references import top_k_gates
 from testing_utils import BACKEND
 from testing_utils import gradients
 from testing_utils import requires_tensorflow

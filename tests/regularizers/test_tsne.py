@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from keras_moe.regularizers import tsne
-from regularizer_references import requires_jax
+from regularizers.regularizer_references import requires_jax
 from testing_utils import assert_no_gradient
 from testing_utils import gradients
 from testing_utils import requires_tensorflow
