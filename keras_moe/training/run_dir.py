@@ -263,9 +263,16 @@ _BACKUP_FILE = re.compile(r"^epoch-(\d+)\.(?:weights\.h5|settings\.json)$")
 _SETTING_TYPES = (bool, int, float, str)
 
 
+def _layer_key(layer):
+    # A layer's path is unique in its model ("moe_1/gate"); names are not (every
+    # MoEDense's gate is called "gate"), and keying by name once wrote one gate's
+    # num_experts into another's on restore.
+    return getattr(layer, "path", None) or layer.name
+
+
 def _layer_settings(model):
-    """`{layer: {key: value}}`: each layer's plain config values that are attributes too
-    (a gate's `temperature`), trainability aside (the phase settings set it)."""
+    """`{layer path: {key: value}}`: each layer's plain config values that are attributes
+    too (a gate's `temperature`), trainability aside (the phase settings set it)."""
     from keras_moe.analysis import graph
 
     found = {}
@@ -274,7 +281,7 @@ def _layer_settings(model):
                   if isinstance(value, _SETTING_TYPES) and key not in ("name", "trainable")
                   and getattr(layer, key, None) == value}
         if values:
-            found[layer.name] = values
+            found[_layer_key(layer)] = values
     return found
 
 
@@ -282,7 +289,7 @@ def _restore_layer_settings(model, settings):
     from keras_moe.analysis import graph
 
     for layer in graph.layers(model):
-        for key, value in settings.get(layer.name, {}).items():
+        for key, value in settings.get(_layer_key(layer), {}).items():
             if getattr(layer, key, value) != value:
                 setattr(layer, key, value)
 

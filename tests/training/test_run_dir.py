@@ -113,3 +113,29 @@ def test_a_backup_restores_layer_settings_that_are_not_weights(tmp_path):
     restore.set_model(other)
     restore.on_train_begin()
     assert other.get_layer("gate").temperature == 0.37
+
+
+def test_restored_settings_stay_with_their_own_layer(tmp_path):
+    """Every MoEDense's gate is named "gate": the settings of one must never be written
+    into another (a restore once gave the first gate the second's num_experts, and the
+    resumed run's model.keras then failed to load)."""
+    from keras_moe import zoo
+
+    def build():
+        model = zoo.dmoe_mnist(experts=[3, 2], units=[8, 4], gate_hidden_units=[6, 4])
+        model.compile("adam", "sparse_categorical_crossentropy")
+        return model
+
+    model = build()
+    backup = run_dir.EpochBackup(tmp_path / "b")
+    backup.set_model(model)
+    backup.on_epoch_end(0)
+    other = build()
+    restore = run_dir.EpochBackup(tmp_path / "b",
+                                  restore=run_dir.BackupState.find(tmp_path / "b").path)
+    restore.set_model(other)
+    restore.on_train_begin()
+    moe = [layer for layer in other.layers if hasattr(layer, "gate")]
+    assert [(m.gate.num_experts, m.gate.hidden_units) for m in moe] == [(3, 6), (2, 4)]
+    other.save(tmp_path / "m.keras")
+    keras.saving.load_model(tmp_path / "m.keras")
