@@ -32,6 +32,7 @@ SIZES = ["--train-size", "128", "--test-size", "32", "--batch-size", "32"]
 NARROW = {
     "sparse_moe_fashion_mnist": ["model.units=32"],
     "eigen_dmoe_jittered_mnist": ["model.units=[16, 16]", "model.gate_hidden_units=[8, 8]"],
+    "eigen_dnn_jittered_mnist": ["model.units=[16, 16]", "model.gate_hidden_units=[8, 8]"],
     "two_domain_moe_conv_gate": ["model.expert_filters=4", "model.expert_units=8",
                                  "model.gate_filters=2", "model.gate_units=4"],
     "tsne_moe_fashion_mnist": ["model.expert_units=8", "model.map_hidden_units=[16, 16]",

@@ -101,5 +101,7 @@ def test_full_size_builds():
     assert model.output.shape == (None, 10)
     layer = model.get_layer("moe_0")
     assert (layer.num_experts, layer.top_k, layer.units) == (32, 2, 256)
-    expected = 32 * (784 * 256 + 256) + 2 * 784 * 32 + 256 * 10 + 10
+    # Experts, the gate's two kernels, the classifier, and the two scalar counters of
+    # dropped and routed assignments every top-k layer keeps (non-trainable).
+    expected = 32 * (784 * 256 + 256) + 2 * 784 * 32 + 256 * 10 + 10 + 2
     assert model.count_params() == expected
