@@ -168,17 +168,20 @@ def export_saved_model(model, path, *, return_gates=False, overwrite=False,
     specs = _input_specs(model)
 
     def serve(*args):
+        # keras.ops, not tf: on JAX, Keras's export traces this function with JAX and
+        # converts it for TensorFlow (jax2tf), so it must be written in the backend's ops.
         values = args[0] if isinstance(args[0], dict) else {IMAGES: args[0]}
         feed = {}
         for name, key, _, dtype in specs:
-            feed[key] = tf.cast(values[name], dtype)
+            feed[key] = keras.ops.cast(values[name], dtype)
         model_input = feed[None] if None in feed else feed
         result = runner(model_input, training=False)
         logits = result["logits"] if return_gates else result
-        logits = tf.cast(logits, "float32")
-        outputs = {PROBABILITIES: tf.nn.softmax(logits, axis=-1) if from_logits else logits}
+        logits = keras.ops.cast(logits, "float32")
+        outputs = {PROBABILITIES: keras.ops.softmax(logits, axis=-1) if from_logits
+                   else logits}
         for name in gates:
-            outputs[name] = tf.cast(result[name], "float32")
+            outputs[name] = keras.ops.cast(result[name], "float32")
         return outputs
 
     tensor_specs = {name: tf.TensorSpec((None,) + shape, dtype, name=name)

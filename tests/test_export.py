@@ -22,6 +22,7 @@ import pytest
 
 from keras_moe import zoo
 from keras_moe.export import export_saved_model, gate_tensors
+from testing_utils import BACKEND
 
 WORKERS = os.path.join(os.path.dirname(__file__), "_workers")
 sys.path.insert(0, WORKERS)
@@ -33,7 +34,13 @@ SLOW_EXPORTS = {"deepmoe_resnet34", "deepmoe_resnet50", "deepmoe_resnet56",
                 "deepmoe_resnet110", "resnet18", "resnet34", "resnet50", "resnet56",
                 "resnet110", "vgg16"}
 FULL = os.environ.get("KERAS_MOE_FULL_EXPORT") == "1"
-NAMES = [n for n in zoo.list_models() if FULL or n not in SLOW_EXPORTS]
+# On JAX, Keras's export traces the serving function with JAX and converts it for
+# TensorFlow (jax2tf, the batch a symbolic dimension): one model per family, capacity
+# dispatch (JAX's default on the CPU) in the classifier.
+JAX_NAMES = ["sparse_moe_classifier", "dmoe_mnist", "dmoe_mnist_dnn", "two_domain_moe",
+             "tsne_moe", "deepmoe_resnet_cifar"]
+NAMES = ([n for n in zoo.list_models() if FULL or n not in SLOW_EXPORTS]
+         if BACKEND == "tensorflow" else JAX_NAMES)
 CLI_MODEL = "sparse_moe_classifier"
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
@@ -93,6 +100,7 @@ def served(tmp_path_factory):
     return root, cases
 
 
+@pytest.mark.multi_backend
 @pytest.mark.parametrize("name", NAMES + ["oracle"])
 def test_saved_model_serves_keras_predictions_without_keras_moe(served, name):
     root, cases = served
@@ -107,6 +115,7 @@ def test_saved_model_serves_keras_predictions_without_keras_moe(served, name):
     assert probabilities.shape[0] == 5
 
 
+@pytest.mark.multi_backend
 @pytest.mark.parametrize("name", NAMES + ["oracle"])
 def test_keras_file_loads_in_safe_mode_with_same_predictions(served, name):
     _, cases = served
@@ -114,6 +123,7 @@ def test_keras_file_loads_in_safe_mode_with_same_predictions(served, name):
     np.testing.assert_allclose(reloaded, original, atol=1e-6)
 
 
+@pytest.mark.multi_backend
 def test_gate_outputs_name_every_moe_layer(served):
     _, cases = served
     gates = {name: sorted(k for k in cases[name][0] if k.startswith("gates_"))

@@ -13,7 +13,7 @@ Three strategies give the same result when nothing is dropped:
   assignments beyond it are dropped (their contribution is zero) and counted.
 """
 
-import math
+import fractions
 
 import keras
 from keras import ops
@@ -303,9 +303,20 @@ def _grouped_ffn_tf(inputs, tokens_per_expert, layers, hidden_activation):
 
 
 def expert_capacity(num_tokens, k, num_experts, capacity_factor):
-    """Slots per expert: ceil(capacity_factor * k * tokens / experts), at least 1."""
+    """Slots per expert: ceil(capacity_factor * k * tokens / experts), at least 1.
+
+    `num_tokens` is an int, a scalar int tensor (TensorFlow's dynamic batch), or a JAX
+    symbolic dimension (a batch of unknown size in `model.export`'s JAX tracing, where
+    shapes must stay dimension expressions). The ratio is taken as an exact fraction of
+    `capacity_factor` as written (1.1, not its binary neighbour), so the int and the
+    symbolic paths agree and a product that lands on an integer is not rounded up.
+    """
+    ratio = fractions.Fraction(repr(float(capacity_factor))) * k / num_experts
+    p, q = ratio.numerator, ratio.denominator
     if isinstance(num_tokens, int):
-        return max(1, int(math.ceil(capacity_factor * k * num_tokens / num_experts)))
+        return max(1, -(-p * num_tokens // q))
+    if not hasattr(num_tokens, "dtype"):  # a symbolic dimension (>= 1): integer algebra
+        return (p * num_tokens + q - 1) // q
     capacity = ops.ceil(
         ops.cast(num_tokens, "float32") * (capacity_factor * k / num_experts)
     )

@@ -118,3 +118,24 @@ def test_expert_capacity_formula():
     assert dispatch.expert_capacity(40, 2, 4, 0.5) == 10  # ceil(0.5 * 2 * 40 / 4)
     assert dispatch.expert_capacity(3, 1, 8, 1.0) == 1  # never below one slot
     assert dispatch.expert_capacity(41, 2, 4, 1.0) == 21
+    # The factor as written: 1.1 * 2 * 50 / 11 is 10 exactly (in floats 10.000000000000002).
+    assert dispatch.expert_capacity(50, 2, 11, 1.1) == 10
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's symbolic dimensions")
+def test_expert_capacity_of_a_symbolic_batch_is_the_formula_at_every_size():
+    """`model.export` on JAX traces with a batch of unknown size (a dimension expression):
+    the capacity must stay one, and equal the integer formula once the size is known."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    batch = jax.ShapeDtypeStruct(export.symbolic_shape("b"), "float32")
+    for k, experts, factor in [(2, 8, 1.25), (1, 3, 1.0), (2, 11, 1.1), (3, 5, 0.7)]:
+        def slots(x, k=k, experts=experts, factor=factor):
+            return jnp.zeros(dispatch.expert_capacity(x.shape[0], k, experts, factor))
+
+        exported = export.export(jax.jit(slots))(batch)
+        for n in [1, 2, 7, 50, 129, 4096]:
+            assert exported.call(np.zeros(n, "float32")).shape[0] == \
+                dispatch.expert_capacity(n, k, experts, factor), (k, experts, factor, n)
