@@ -1,7 +1,9 @@
 """Keras layers of keras-moe: gates, mixture-of-experts layers and their dispatch.
 
-- `gates`: gating networks (`SoftmaxGate`, `NoisyTopKGate`, `ReLUGate`) and the gate-output
-  dict they return.
+- `gates`: gating networks (`SoftmaxGate`, `NoisyTopKGate`, `SigmoidTopKGate`,
+  `ExpertChoiceGate`, `ReLUGate`) and the gate-output dict they return.
+- `routing`: the routing choices the gates share (biased top-k, group limits, expert
+  choice).
 - `moe_dense`: `MoEDense`, a dense mixture of experts.
 - `dispatch`: how tokens reach experts (sparse, capacity, dense).
 - `expert_mixture`: `ExpertMixture`, a gate over whole expert sub-models (paper 002).
@@ -15,7 +17,13 @@
 from keras_moe.layers.expert_clusters import ExpertClusterDense, ExpertClusters, cluster_mask
 from keras_moe.layers.expert_mixture import ExpertMixture
 from keras_moe.layers.gated_conv import GatedConv2D, ShallowEmbedding
-from keras_moe.layers.gates import NoisyTopKGate, ReLUGate, SoftmaxGate
+from keras_moe.layers.gates import (
+    ExpertChoiceGate,
+    NoisyTopKGate,
+    ReLUGate,
+    SigmoidTopKGate,
+    SoftmaxGate,
+)
 from keras_moe.layers.moe_dense import MoEDense
 from keras_moe.layers.sparse_connectivity import SparseDense
 from keras_moe.layers.tsne_gate import (
@@ -28,6 +36,7 @@ from keras_moe.layers.tsne_gate import (
 
 __all__ = [
     "ExpertClusterDense",
+    "ExpertChoiceGate",
     "ExpertClusters",
     "ExpertMixture",
     "GatedConv2D",
@@ -36,6 +45,7 @@ __all__ = [
     "ParametricTSNEMap",
     "ReLUGate",
     "ShallowEmbedding",
+    "SigmoidTopKGate",
     "SoftmaxGate",
     "SparseDense",
     "TSNEGate",

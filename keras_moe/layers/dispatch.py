@@ -11,6 +11,10 @@ Three strategies give the same result when nothing is dropped:
   the row count per expert is data). `keras.ops` has no grouped matmul.
 - `capacity_dispatch`: static shapes for XLA and TPUs. Each expert has `capacity` slots;
   assignments beyond it are dropped (their contribution is zero) and counted.
+
+Expert-choice routing (`ExpertChoiceGate`) has its own: `expert_choice_dispatch`, a
+gather of each expert's chosen tokens, one batched product and a scatter-add back; it
+is both dropless (every choice runs) and static (every expert takes as many tokens).
 """
 
 import fractions
@@ -22,6 +26,31 @@ from keras import ops
 def dense_combine(expert_outputs, gates):
     """Mixes per-expert outputs (experts, tokens, units) with gates (tokens, experts)."""
     return ops.einsum("te,etu->tu", ops.cast(gates, expert_outputs.dtype), expert_outputs)
+
+
+def expert_choice_dispatch(tokens, indices, gates, batched_expert_fn):
+    """Expert-choice dispatch: each expert runs on exactly the tokens it took.
+
+    Each expert gathers its `capacity` tokens, the experts run as one batched product
+    (every expert has the same number of rows: static shapes, nothing computed for a
+    token an expert did not take), and each output row is added, times its gate, to its
+    token (a token that no expert took gets zeros).
+
+    Args:
+        tokens: (tokens, features) inputs.
+        indices: (experts, capacity) int32 tokens each expert took.
+        gates: (experts, capacity) their gates.
+        batched_expert_fn: Maps (experts, capacity, features) to
+            (experts, capacity, units), expert e on slice e.
+
+    Returns:
+        (tokens, units) combined outputs.
+    """
+    expert_outputs = batched_expert_fn(ops.take(tokens, indices, axis=0))
+    units = expert_outputs.shape[-1]
+    weighted = expert_outputs * ops.cast(gates, expert_outputs.dtype)[:, :, None]
+    return ops.scatter(ops.reshape(indices, (-1, 1)), ops.reshape(weighted, (-1, units)),
+                       (ops.shape(tokens)[0], units))
 
 
 def sparse_dispatch(tokens, top_k_indices, top_k_gates, num_experts, grouped_expert_fn):

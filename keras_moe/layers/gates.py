@@ -11,6 +11,14 @@ combine with and that the balancing regularizers of `keras_moe.regularizers` rea
   summed over replicas in training, this replica's count otherwise).
 - `"top_k_indices"` (int32) and `"top_k_gates"`: (tokens, k), only for top-k gates; the
   sparse dispatch reads these.
+- `"expert_choice_indices"` (int32) and `"expert_choice_gates"`: (experts, capacity), only
+  for `ExpertChoiceGate`: the tokens each expert took, and their gates.
+
+The top-k gates (`SoftmaxGate` with `top_k`, `NoisyTopKGate`, `SigmoidTopKGate`) share
+two routing options (`keras_moe.layers.routing`): auxiliary-loss-free balancing
+(`bias_update_rate`: a per-expert bias that enters the choice of experts only, stepped
+after every training step towards equal load) and group-limited routing (`num_groups`,
+`top_k_groups`).
 
 Gate math runs in float32 whatever the layer's dtype policy, so a mixed-precision model
 routes exactly as a float32 one would.
@@ -19,33 +27,39 @@ routes exactly as a float32 one would.
 import keras
 from keras import ops
 
+from keras_moe.layers import routing
 from keras_moe.regularizers import functional as reg_fn
-from keras_moe import ops as moe_ops
 from keras_moe import validation
 
 
-def _top_k_outputs(logits, selection_logits, k):
-    """Softmax over the k largest `selection_logits`, scattered back to a dense layout."""
-    num_experts = logits.shape[-1]
-    top_values, top_indices = moe_ops.top_k(selection_logits, k)
-    # A softmax over one logit is identically 1 (and would warn); say so directly.
-    top_gates = ops.softmax(top_values, axis=-1) if k > 1 else ops.ones_like(top_values)
-    one_hot = ops.one_hot(top_indices, num_experts, dtype="float32")
-    gates = ops.sum(one_hot * top_gates[..., None], axis=-2)
-    dispatch_mask = ops.sum(one_hot, axis=-2)
+def _top_k_outputs(values, selection, k, normalize="softmax", scale=1.0):
+    """The top-k gate outputs: the k largest `selection`, gates made of `values` there.
+
+    `normalize="softmax"`: a softmax over the chosen `values` (logits);
+    `"sum"`: the chosen `values` (positive scores) divided by their sum, times `scale`.
+    """
+    num_experts = values.shape[-1]
+    top_indices, top_values = routing.choose_top_k(values, selection, k)
+    if normalize == "softmax":
+        # A softmax over one logit is identically 1 (and would warn); say so directly.
+        top_gates = ops.softmax(top_values, axis=-1) if k > 1 else ops.ones_like(top_values)
+    else:
+        top_gates = scale * top_values / ops.sum(top_values, axis=-1, keepdims=True)
+    gates, dispatch_mask = routing.dense_layout(top_indices, top_gates, num_experts)
     return {
         "gates": gates,
         "dispatch_mask": dispatch_mask,
-        "top_k_indices": ops.cast(top_indices, "int32"),
+        "top_k_indices": top_indices,
         "top_k_gates": top_gates,
     }
 
 
-def softmax_gate_outputs(logits, top_k, training):
+def softmax_gate_outputs(logits, top_k, training, selection=None):
     """The gate-output dict of a gate that is a softmax over `logits` (float32).
 
     Soft gating (`top_k=None`) mixes every expert with `softmax(logits)` and marks the
-    argmax expert in `"dispatch_mask"`; top-k gating softmaxes the k largest logits.
+    argmax expert in `"dispatch_mask"`; top-k gating softmaxes the k largest logits (or
+    the logits of the k largest `selection`, when the gate ranks on something else).
     Shared by every deterministic softmax gate (`SoftmaxGate`, `TSNEGate`).
     """
     num_experts = logits.shape[-1]
@@ -58,7 +72,7 @@ def softmax_gate_outputs(logits, top_k, training):
             ),
         }
     else:
-        outputs = _top_k_outputs(logits, logits, top_k)
+        outputs = _top_k_outputs(logits, logits if selection is None else selection, top_k)
     outputs["logits"] = logits
     outputs["probs"] = probs
     outputs["load"] = _hard_load(outputs["dispatch_mask"], training)
@@ -72,8 +86,68 @@ def _hard_load(dispatch_mask, training):
     return reg_fn.importance(counts) if training else ops.sum(counts, axis=0)
 
 
+class _RoutingOptions:
+    """The routing options every top-k gate shares (see `keras_moe.layers.routing`).
+
+    - `bias_update_rate`: None, or auxiliary-loss-free balancing's rate gamma >= 0: a
+      non-trainable `expert_bias` (experts,) is added to the quantity the gate ranks
+      experts by, and after each training step (in the step's forward pass, so that it
+      applies from the next step on) moves by `gamma * sign(mean load - load_e)`, the
+      load counted over the global batch. It never changes the value of a chosen
+      expert's gate and gets no gradient; it is saved with the model.
+    - `num_groups`, `top_k_groups`: group-limited routing.
+    """
+
+    def _init_routing(self, bias_update_rate, num_groups, top_k_groups):
+        self.bias_update_rate = validation.non_negative_float(
+            "bias_update_rate", bias_update_rate, allow_none=True)
+        if self.bias_update_rate is not None and self.top_k is None:
+            raise ValueError(
+                "`bias_update_rate` (auxiliary-loss-free balancing) biases the choice of "
+                "the top k experts: it needs `top_k`; got top_k=None.")
+        self.num_groups, self.top_k_groups = routing.check_groups(
+            self.num_experts, self.top_k, num_groups, top_k_groups)
+
+    def _build_routing(self):
+        if self.bias_update_rate is not None:
+            # Every replica adds the same global step: the first replica's stands.
+            self.expert_bias = self.add_weight(
+                name="expert_bias",
+                shape=(self.num_experts,),
+                initializer="zeros",
+                trainable=False,
+                dtype="float32",
+                aggregation="only_first_replica",
+            )
+
+    @property
+    def routes_plainly(self):
+        """True when the gate ranks experts by its scores alone (no bias, no groups)."""
+        return self.bias_update_rate is None and self.num_groups is None
+
+    def _selection(self, scores):
+        """`scores` plus the balancing bias, limited to each token's best groups."""
+        if self.bias_update_rate is not None:
+            scores = scores + ops.convert_to_tensor(self.expert_bias)
+        if self.num_groups is not None:
+            scores = routing.group_limited(scores, self.num_groups, self.top_k_groups)
+        return scores
+
+    def _step_bias(self, dispatch_mask, training):
+        if training and self.bias_update_rate is not None:
+            load = _hard_load(dispatch_mask, True)  # global tokens per expert
+            self.expert_bias.assign_add(routing.bias_update(load, self.bias_update_rate))
+
+    def _routing_config(self):
+        return {
+            "bias_update_rate": self.bias_update_rate,
+            "num_groups": self.num_groups,
+            "top_k_groups": self.top_k_groups,
+        }
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
-class SoftmaxGate(keras.layers.Layer):
+class SoftmaxGate(_RoutingOptions, keras.layers.Layer):
     """Softmax gating network, optionally kept to the top k experts.
 
     With `hidden_units` it is Eigen et al.'s two-layer gate,
@@ -91,6 +165,15 @@ class SoftmaxGate(keras.layers.Layer):
         hidden_activation: Activation of the hidden layer.
         kernel_initializer: Initializer of both gate kernels.
         bias_initializer: Initializer of both gate biases.
+        bias_update_rate: Top-k only: None, or the rate gamma >= 0 of
+            auxiliary-loss-free balancing (Wang et al. 2024). The bias is added to the
+            router probabilities `softmax(logits)` for the choice (their paper's
+            affinity scores); the chosen experts' gates stay the softmax over their
+            logits.
+        num_groups: Top-k only: None, or the number of equal expert groups of
+            group-limited routing (with `top_k_groups`; a group scores the sum of its
+            two best router probabilities, plus bias).
+        top_k_groups: The groups each token keeps, 1 <= top_k_groups <= num_groups.
         **kwargs: Base layer arguments.
 
     Example:
@@ -113,6 +196,9 @@ class SoftmaxGate(keras.layers.Layer):
         hidden_activation="relu",
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        bias_update_rate=None,
+        num_groups=None,
+        top_k_groups=None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -125,6 +211,7 @@ class SoftmaxGate(keras.layers.Layer):
         self.hidden_activation = keras.activations.get(hidden_activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self._init_routing(bias_update_rate, num_groups, top_k_groups)
 
     # Its `"load"` is a hard count (no gradient); `LoadLoss` is refused on it.
     smooth_load = False
@@ -158,13 +245,19 @@ class SoftmaxGate(keras.layers.Layer):
             initializer=self.bias_initializer,
             dtype="float32",
         )
+        self._build_routing()
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, "float32")
         if self.hidden_units is not None:
             x = self.hidden_activation(ops.matmul(x, self.hidden_kernel) + self.hidden_bias)
         logits = ops.matmul(x, self.kernel) + self.bias
-        return softmax_gate_outputs(logits, self.top_k, training)
+        selection = None
+        if self.top_k is not None and not self.routes_plainly:
+            selection = self._selection(ops.softmax(logits, axis=-1))
+        outputs = softmax_gate_outputs(logits, self.top_k, training, selection)
+        self._step_bias(outputs["dispatch_mask"], training)
+        return outputs
 
     def get_config(self):
         config = super().get_config()
@@ -176,13 +269,14 @@ class SoftmaxGate(keras.layers.Layer):
                 "hidden_activation": keras.activations.serialize(self.hidden_activation),
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                **self._routing_config(),
             }
         )
         return config
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class NoisyTopKGate(keras.layers.Layer):
+class NoisyTopKGate(_RoutingOptions, keras.layers.Layer):
     """Shazeer et al.'s noisy top-k gate.
 
     `H(x) = x W_g + N(0, 1) * (softplus(x W_noise) + noise_epsilon)` during training
@@ -199,6 +293,15 @@ class NoisyTopKGate(keras.layers.Layer):
         noisy: False turns the noise off (a plain top-k softmax gate).
         kernel_initializer: Initializer of `W_g` and `W_noise` (zeros, as in the paper).
         seed: Seed of the gate noise.
+        bias_update_rate: None, or the rate gamma >= 0 of auxiliary-loss-free balancing
+            (Wang et al. 2024): the bias is added to the noisy logits `H` for the choice
+            (the paper gives no rule for a noisy gate: the gate ranks `H`), the gates
+            stay the softmax over the chosen `H`, and the smooth load is that of the
+            biased choice.
+        num_groups: None, or the number of equal expert groups of group-limited
+            routing (with `top_k_groups`; a group scores the sum of its two best
+            biased noisy logits).
+        top_k_groups: The groups each token keeps, 1 <= top_k_groups <= num_groups.
         **kwargs: Base layer arguments.
 
     Example:
@@ -221,6 +324,9 @@ class NoisyTopKGate(keras.layers.Layer):
         noisy=True,
         kernel_initializer="zeros",
         seed=None,
+        bias_update_rate=None,
+        num_groups=None,
+        top_k_groups=None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -237,6 +343,7 @@ class NoisyTopKGate(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self._init_routing(bias_update_rate, num_groups, top_k_groups)
 
     @property
     def smooth_load(self):
@@ -258,6 +365,7 @@ class NoisyTopKGate(keras.layers.Layer):
                 initializer=self.kernel_initializer,
                 dtype="float32",
             )
+        self._build_routing()
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, "float32")
@@ -271,15 +379,28 @@ class NoisyTopKGate(keras.layers.Layer):
         else:
             noise_stddev = None
             noisy_logits = clean_logits
-        outputs = _top_k_outputs(clean_logits, noisy_logits, self.top_k)
+        # The choice ranks the noisy logits (plus bias, within the token's groups); the
+        # smooth load is that of this same choice, so the clean logits get the same
+        # bias and the same groups.
+        selection, clean_selection = noisy_logits, clean_logits
+        if not self.routes_plainly:
+            selection = self._selection(noisy_logits)
+            clean_selection = clean_logits
+            if self.bias_update_rate is not None:
+                clean_selection = clean_selection + ops.convert_to_tensor(self.expert_bias)
+            if self.num_groups is not None:
+                clean_selection = ops.where(selection <= routing.MASKED, selection,
+                                            clean_selection)
+        outputs = _top_k_outputs(noisy_logits, selection, self.top_k)
         if noise_stddev is not None and self.top_k < self.num_experts:
             outputs["load"] = reg_fn.noisy_top_k_load(
-                clean_logits, noisy_logits, noise_stddev, self.top_k
+                clean_selection, selection, noise_stddev, self.top_k
             )
         else:
             outputs["load"] = _hard_load(outputs["dispatch_mask"], training)
         outputs["logits"] = clean_logits
         outputs["probs"] = ops.softmax(clean_logits, axis=-1)
+        self._step_bias(outputs["dispatch_mask"], training)
         return outputs
 
     def get_config(self):
@@ -292,6 +413,7 @@ class NoisyTopKGate(keras.layers.Layer):
                 "noisy": self.noisy,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "seed": self.seed,
+                **self._routing_config(),
             }
         )
         return config
@@ -374,6 +496,218 @@ class ReLUGate(keras.layers.Layer):
                 "use_bias": self.use_bias,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class SigmoidTopKGate(_RoutingOptions, keras.layers.Layer):
+    """DeepSeek-V3's sigmoid top-k gate.
+
+    Per-expert scores `s = sigmoid(x W)`; the k experts with the largest `s` (plus the
+    balancing bias with `bias_update_rate`, within the token's best groups with
+    `num_groups`) are chosen, and each gets its score renormalised over the chosen ones,
+    `g_e = routed_scaling * s_e / sum_{chosen} s`. The scores are independent per expert
+    (no softmax competition). `"probs"` is `s / sum_e s_e` over all experts (the
+    normalised scores of DeepSeek-V3's sequence-wise balance loss, read by
+    `SwitchLoadBalanceLoss` and `SequenceBalanceLoss`); `"load"` is a hard count, so
+    `LoadLoss` is refused. With `top_k=1` the single gate is `routed_scaling` and the
+    router gets no gradient from the output (balance it with the bias).
+
+    Args:
+        num_experts: Number of experts, >= 1.
+        top_k: Experts per token, 1 <= top_k <= num_experts.
+        routed_scaling: Factor on the routed gates, > 0 (DeepSeek-V3: 2.5).
+        kernel_initializer: Initializer of `W` (the paper gives none; Glorot).
+        bias_update_rate: None, or the rate gamma >= 0 of auxiliary-loss-free balancing
+            (DeepSeek-V3: 0.001): the bias is added to the scores for the choice only.
+        num_groups: None, or the number of equal expert groups of group-limited
+            routing (DeepSeek-V3: 8, with a group scoring the sum of its two best
+            biased scores).
+        top_k_groups: The groups each token keeps (DeepSeek-V3: 4).
+        **kwargs: Base layer arguments.
+
+    Example:
+
+    >>> gate = SigmoidTopKGate(num_experts=8, top_k=2, bias_update_rate=1e-3)
+    >>> gate(np.random.rand(4, 16).astype("float32"))["top_k_gates"].shape
+    (4, 2)
+
+    Reference:
+        DeepSeek-AI, "DeepSeek-V3 Technical Report", arXiv 2412.19437, section 2.1.2,
+        eq. 12-16.
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        top_k=2,
+        routed_scaling=1.0,
+        kernel_initializer="glorot_uniform",
+        bias_update_rate=None,
+        num_groups=None,
+        top_k_groups=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_experts = validation.positive_int("num_experts", num_experts)
+        if top_k is None:
+            raise ValueError(
+                "SigmoidTopKGate needs `top_k`: an integer with 1 <= top_k <= "
+                f"num_experts ({self.num_experts}); got None."
+            )
+        self.top_k = validation.top_k(top_k, self.num_experts)
+        self.routed_scaling = validation.positive_float("routed_scaling", routed_scaling)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self._init_routing(bias_update_rate, num_groups, top_k_groups)
+
+    # Its `"load"` is a hard count (no gradient); `LoadLoss` is refused on it.
+    smooth_load = False
+
+    def build(self, input_shape):
+        input_dim = validation.last_dim(self, input_shape)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_dim, self.num_experts),
+            initializer=self.kernel_initializer,
+            dtype="float32",
+        )
+        self._build_routing()
+
+    def call(self, inputs, training=None):
+        logits = ops.matmul(ops.cast(inputs, "float32"), self.kernel)
+        scores = ops.sigmoid(logits)
+        outputs = _top_k_outputs(scores, self._selection(scores), self.top_k,
+                                 normalize="sum", scale=self.routed_scaling)
+        outputs["logits"] = logits
+        outputs["probs"] = scores / ops.sum(scores, axis=-1, keepdims=True)
+        outputs["load"] = _hard_load(outputs["dispatch_mask"], training)
+        self._step_bias(outputs["dispatch_mask"], training)
+        return outputs
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "top_k": self.top_k,
+                "routed_scaling": self.routed_scaling,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                **self._routing_config(),
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class ExpertChoiceGate(keras.layers.Layer):
+    """Zhou et al.'s expert-choice router: each expert picks its tokens.
+
+    Scores `S = softmax(x W)` over the experts, per token. Each expert takes the
+    `capacity = ceil(capacity_factor * tokens / num_experts)` tokens (at most all of
+    them) with the highest score for it; the gate of token t at expert e is `S[t, e]`
+    where e took t, zero elsewhere. Every expert gets exactly `capacity` tokens
+    (balanced by construction); a token can get several experts, or none (the layer
+    counts those, `MoEDense.dropped_fraction`). The choice runs over the tokens of one
+    call: under `tf.distribute`, each replica's experts choose among its own tokens.
+
+    Besides the common keys the gate returns `"expert_choice_indices"` and
+    `"expert_choice_gates"`, (experts, capacity): which tokens each expert took, and
+    their gates. It has no `top_k` (None).
+
+    Args:
+        num_experts: Number of experts, >= 1.
+        capacity_factor: Mean experts per token, > 0 (Zhou et al.'s EC-CF2: 2).
+        kernel_initializer: Initializer of `W`.
+        **kwargs: Base layer arguments.
+
+    Example:
+
+    >>> gate = ExpertChoiceGate(num_experts=4, capacity_factor=2.0)
+    >>> gate(np.random.rand(8, 16).astype("float32"))["expert_choice_indices"].shape
+    (4, 4)
+
+    Reference:
+        Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022
+        (arXiv 2202.09368), section 3.1.
+    """
+
+    top_k = None
+    # Its `"load"` is a hard count (no gradient); `LoadLoss` is refused on it.
+    smooth_load = False
+
+    def __init__(self, num_experts, capacity_factor=2.0, kernel_initializer="glorot_uniform",
+                 **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_experts = validation.positive_int("num_experts", num_experts)
+        self.capacity_factor = validation.positive_float("capacity_factor", capacity_factor)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        input_dim = validation.last_dim(self, input_shape)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_dim, self.num_experts),
+            initializer=self.kernel_initializer,
+            dtype="float32",
+        )
+
+    def capacity(self, num_tokens):
+        """Tokens each expert takes out of `num_tokens` (int, or a scalar tensor)."""
+        return routing.expert_choice_capacity(num_tokens, self.num_experts,
+                                              self.capacity_factor)
+
+    def compute_output_spec(self, inputs, training=None):
+        # Written out: the capacity is a function of the number of tokens, which Keras's
+        # shape inference on JAX passes as a symbolic dimension that top-k cannot take.
+        tokens = inputs.shape[0]
+        capacity = None if tokens is None else self.capacity(int(tokens))
+        spec = {key: keras.KerasTensor((tokens, self.num_experts), "float32")
+                for key in ("gates", "logits", "probs", "dispatch_mask")}
+        spec["load"] = keras.KerasTensor((self.num_experts,), "float32")
+        spec["expert_choice_indices"] = keras.KerasTensor((self.num_experts, capacity), "int32")
+        spec["expert_choice_gates"] = keras.KerasTensor((self.num_experts, capacity), "float32")
+        return spec
+
+    def call(self, inputs, training=None):
+        logits = ops.matmul(ops.cast(inputs, "float32"), self.kernel)
+        probs = ops.softmax(logits, axis=-1)
+        static_tokens = logits.shape[0]
+        if keras.backend.backend() == "jax" and not isinstance(static_tokens, int):
+            raise ValueError(
+                f"ExpertChoiceGate '{self.name}': on JAX the experts' choice needs a "
+                f"known number of tokens (each takes a fixed share); got {static_tokens} "
+                "(a SavedModel export traces with an unknown batch: export with a fixed "
+                "one, or from TensorFlow).")
+        num_tokens = static_tokens if isinstance(static_tokens, int) else ops.shape(logits)[0]
+        indices, chosen = routing.expert_choice(probs, self.capacity(num_tokens))
+        # (token, expert) pairs of every choice, scattered into the dense layout.
+        experts = ops.broadcast_to(
+            ops.arange(self.num_experts, dtype="int32")[:, None], ops.shape(indices))
+        pairs = ops.reshape(ops.stack([indices, experts], axis=-1), (-1, 2))
+        shape = (num_tokens, self.num_experts)
+        gates = ops.scatter(pairs, ops.reshape(chosen, (-1,)), shape)
+        dispatch_mask = ops.scatter(pairs, ops.ones_like(ops.reshape(chosen, (-1,))), shape)
+        return {
+            "gates": gates,
+            "logits": logits,
+            "probs": probs,
+            "dispatch_mask": dispatch_mask,
+            "load": _hard_load(dispatch_mask, training),
+            "expert_choice_indices": indices,
+            "expert_choice_gates": chosen,
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "capacity_factor": self.capacity_factor,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             }
         )
         return config

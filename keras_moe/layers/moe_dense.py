@@ -1,32 +1,37 @@
 """`MoEDense`: a dense layer made of gated experts."""
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_moe import expert_parallel
 from keras_moe import regularizers
-from keras_moe.regularizers import reduction
-from keras_moe.layers import dispatch as dispatch_lib
 from keras_moe import validation
-from keras_moe.layers.gates import NoisyTopKGate, SoftmaxGate
+from keras_moe.layers import dispatch as dispatch_lib
+from keras_moe.layers.assignment_constraint import AssignmentConstraint
+from keras_moe.layers.experts import StackedExperts, check_expert_devices
+from keras_moe.layers.gates import ExpertChoiceGate, NoisyTopKGate, SigmoidTopKGate, SoftmaxGate
 from keras_moe.layers.replica_losses import ReplicaLocalLossesMixin
+from keras_moe.regularizers.reduction import add_global
 
-GATES = ("softmax", "noisy_top_k")
-EXPERT_WEIGHTS = ("hidden_kernel", "hidden_bias", "kernel", "bias")
+GATES = ("softmax", "noisy_top_k", "sigmoid_top_k", "expert_choice")
 DISPATCH_MODES = ("sparse", "capacity", "dense")
+# MoEDense arguments that configure the gate it makes from a name (see `_make_gate`).
+ROUTING_OPTIONS = ("bias_update_rate", "num_groups", "top_k_groups")
 
 
 SPARSE_BACKENDS = ("tensorflow", "jax")
 
 
-def _default_dispatch(top_k):
+def _default_dispatch(top_k, expert_choice=False):
     """Dense for soft gating; for top-k the fastest dropless-or-static mode at hand.
 
     TensorFlow: sparse. JAX: sparse (`jax.lax.ragged_dot`) on GPUs and TPUs, capacity on
     the CPU, where `ragged_dot` lowers to a masked dense product over every expert (see
-    `benchmarks/moe_dense.py --backend jax`). Other backends: capacity.
+    `benchmarks/moe_dense.py --backend jax`). Other backends: capacity. Expert choice:
+    capacity (each expert takes a fixed number of tokens; sparse runs the same path).
     """
+    if expert_choice:
+        return "capacity"
     if top_k is None:
         return "dense"
     backend = keras.backend.backend()
@@ -39,66 +44,9 @@ def _default_dispatch(top_k):
     return "capacity"
 
 
-def _check_expert_devices(devices, num_experts):
-    if devices is None:
-        return None
-    if isinstance(devices, str) or not isinstance(devices, (list, tuple)) or not devices or not all(
-        isinstance(d, str) for d in devices
-    ):
-        raise ValueError(
-            "expert_devices must be None or a non-empty list of TensorFlow device names "
-            f"(e.g. ['/GPU:0', '/GPU:1']), got {devices!r}"
-        )
-    if num_experts % len(devices):
-        raise ValueError(
-            f"expert_devices: {len(devices)} devices must divide num_experts "
-            f"({num_experts}) so that each holds as many experts."
-        )
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            "expert_devices places experts with TensorFlow's device scopes; on "
-            f"{keras.backend.backend()!r} use keras_moe.expert_parallel.expert_parallel()."
-        )
-    return tuple(devices)
-
-
-def _per_expert(initializer, num_experts):
-    """`initializer` for a stack of `num_experts` expert weights, each scaled as alone.
-
-    Keras's variance-scaling initializers (Glorot, He, LeCun) read a leading axis as a
-    receptive field and divide the variance by it: drawn on an (experts, in, out) shape,
-    every expert would start `sqrt(experts)` times smaller than the same weight of a
-    `Dense` layer. Scaling the variance back by the number of experts gives each expert
-    the fans of its own (in, out) matrix, in one draw.
-    """
-    if (
-        not isinstance(initializer, keras.initializers.VarianceScaling)
-        or num_experts == 1
-        or getattr(initializer, "input_axes", None) is not None
-        or getattr(initializer, "output_axes", None) is not None
-    ):
-        return initializer  # no fans, or fans the user chose
-    return keras.initializers.VarianceScaling(
-        scale=initializer.scale * num_experts,
-        mode=initializer.mode,
-        distribution=initializer.distribution,
-        seed=initializer.seed,
-    )
-
-
-def _add_global(variable, delta):
-    """Adds `delta`, summed over the replicas of a `tf.distribute` strategy, to `variable`.
-
-    The layer's bookkeeping variables (Eigen's running totals, the drop counters) count
-    the global batch. They use ONLY_FIRST_REPLICA aggregation and every replica adds the
-    same global sum; SUM aggregation would add every replica's `variable + delta`,
-    doubling the old value on two replicas at each step.
-    """
-    variable.assign_add(ops.stop_gradient(reduction.cross_replica_sum(delta)))
-
-
 @keras.saving.register_keras_serializable(package="keras_moe")
-class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
+class MoEDense(StackedExperts, AssignmentConstraint, ReplicaLocalLossesMixin,
+               keras.layers.Layer):
     """A mixture of `num_experts` dense experts behind a gating network.
 
     Each expert is `activation(x W_e + b_e)` (Eigen et al.'s experts), or with
@@ -110,7 +58,21 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
 
     With `top_k=None` all experts are mixed (soft gating, Eigen); with `top_k=k` only the
     k experts with the largest gate logits get a non-zero gate, and with the default
-    `dispatch="sparse"` only those experts are computed for that token.
+    `dispatch="sparse"` only those experts are computed for that token. With
+    `gate="expert_choice"` (Zhou et al. 2022, no `top_k`) the experts choose their
+    tokens instead: each takes `ceil(capacity_factor * tokens / num_experts)`, and only
+    those run; a token no expert took gets zeros (plus the shared experts' output) and
+    is counted in `dropped_fraction`.
+
+    Routing of current MoE models (see `keras_moe.layers.routing`): `gate=
+    "sigmoid_top_k"` (DeepSeek-V3), auxiliary-loss-free balancing (`bias_update_rate`,
+    Wang et al. 2024), group-limited routing (`num_groups`, `top_k_groups`) and shared
+    experts (`num_shared_experts`, DeepSeekMoE). DeepSeekMoE's fine-grained experts are
+    this layer with many small experts and a larger k: for example
+    `MoEDense(units, num_experts=64, top_k=8, expert_hidden_units=d_ff // 8,
+    num_shared_experts=2, gate="sigmoid_top_k", bias_update_rate=1e-3)` splits each of
+    eight experts of hidden width `d_ff` into eight of `d_ff / 8` (same parameters and
+    compute per token) and keeps two always-on experts for common knowledge.
 
     Balancing regularizers passed as `balance_loss` are added with `add_loss` in
     training only. Their batch statistics are taken over the global batch under
@@ -134,8 +96,11 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             token is sent to, 1 <= top_k <= num_experts.
         gate: `"softmax"` (`SoftmaxGate`: Eigen's gating network with
             `gate_hidden_units`, top-k if `top_k` is set), `"noisy_top_k"`
-            (`NoisyTopKGate`, Shazeer's; needs `top_k`) or a gate layer instance
-            returning the gate-output dict of `keras_moe.layers.gates`.
+            (`NoisyTopKGate`, Shazeer's; needs `top_k`), `"sigmoid_top_k"`
+            (`SigmoidTopKGate`, DeepSeek-V3's; needs `top_k`), `"expert_choice"`
+            (`ExpertChoiceGate` with this layer's `capacity_factor`; `top_k` must be
+            None) or a gate layer instance returning the gate-output dict of
+            `keras_moe.layers.gates`.
         gate_hidden_units: Hidden width of the softmax gate (None: a linear gate).
         expert_hidden_units: None for single-layer experts, or the hidden width of
             two-layer feed-forward experts.
@@ -151,7 +116,8 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             weight: a model trained with one mode loads its weights into another.
         capacity_factor: Capacity mode's slack, > 0: each expert has
             `ceil(capacity_factor * top_k * tokens / num_experts)` slots (per token
-            group).
+            group). With `gate="expert_choice"`: the mean number of experts per token
+            (each expert takes `ceil(capacity_factor * tokens / num_experts)`).
         token_groups: Capacity dispatch only: split the tokens into this many equal
             groups, each routed on its own with its own slots (GShard's groups), or
             None: one group per device under a `keras_moe.expert_parallel`
@@ -174,6 +140,18 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             `inputs.shape[:-1] + (num_experts,)`.
         kernel_initializer: Initializer of the expert kernels.
         bias_initializer: Initializer of the expert biases.
+        num_shared_experts: Experts of the same shape that every token passes through,
+            >= 0; their outputs are added to the routed output (DeepSeekMoE). They are
+            replicated, never split, under `keras_moe.expert_parallel`.
+        bias_update_rate: For a gate made from a top-k name: None, or the rate
+            gamma >= 0 of auxiliary-loss-free balancing (a per-expert bias in the
+            choice of experts only, stepped by `gamma * sign(mean load - load_e)` after
+            each training step, over the global batch; DeepSeek-V3: 1e-3). With a gate
+            layer, set it there (if set here too, the two must agree).
+        num_groups: For a gate made from a top-k name: None, or the number of equal
+            expert groups of group-limited routing (DeepSeek-V2/V3; with
+            `top_k_groups`). With a gate layer, as `bias_update_rate`.
+        top_k_groups: The groups each token keeps, 1 <= top_k_groups <= num_groups.
         **kwargs: Base layer arguments.
 
     Example:
@@ -211,6 +189,10 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         return_gates=False,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        num_shared_experts=0,
+        bias_update_rate=None,
+        num_groups=None,
+        top_k_groups=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -228,18 +210,29 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         self.use_bias = bool(use_bias)
         self.capacity_factor = validation.positive_float("capacity_factor", capacity_factor)
         self.token_groups = validation.positive_int("token_groups", token_groups, allow_none=True)
-        self.expert_devices = _check_expert_devices(expert_devices, self.num_experts)
+        self.expert_devices = check_expert_devices(expert_devices, self.num_experts)
         self.assignment_margin = validation.non_negative_float(
             "assignment_margin", assignment_margin, allow_none=True
         )
         self.return_gates = bool(return_gates)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.num_shared_experts = validation.integer(
+            "num_shared_experts", num_shared_experts, minimum=0)
+        self.bias_update_rate = validation.non_negative_float(
+            "bias_update_rate", bias_update_rate, allow_none=True)
+        self.num_groups = num_groups
+        self.top_k_groups = top_k_groups
 
+        self.gate = self._make_gate(gate)
+        self.num_groups, self.top_k_groups = (getattr(self.gate, "num_groups", None),
+                                              getattr(self.gate, "top_k_groups", None))
+        self.bias_update_rate = getattr(self.gate, "bias_update_rate", None)
+        self.expert_choice = isinstance(self.gate, ExpertChoiceGate)
         if dispatch is None:
-            dispatch = _default_dispatch(self.top_k)
+            dispatch = _default_dispatch(self.top_k, self.expert_choice)
         self.dispatch = validation.one_of("dispatch", dispatch, DISPATCH_MODES)
-        if self.dispatch != "dense" and self.top_k is None:
+        if self.dispatch != "dense" and self.top_k is None and not self.expert_choice:
             raise ValueError(
                 f"`dispatch`={self.dispatch!r} needs `top_k` (an integer with 1 <= top_k "
                 f"<= num_experts); with top_k=None every expert runs, use "
@@ -250,18 +243,20 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 "`dispatch`='sparse' needs the TensorFlow or JAX backend; on "
                 f"{keras.backend.backend()!r} use 'capacity' or 'dense'."
             )
-        if self.token_groups is not None and self.dispatch != "capacity":
+        if self.token_groups is not None and (self.dispatch != "capacity"
+                                              or self.expert_choice):
             raise ValueError(
-                f"`token_groups` applies to dispatch='capacity'; got dispatch="
-                f"{self.dispatch!r}."
+                f"`token_groups` applies to dispatch='capacity' with a top-k gate; got "
+                f"dispatch={self.dispatch!r}"
+                + (" with an expert-choice gate." if self.expert_choice else ".")
             )
-        if self.assignment_margin is not None and self.top_k is not None:
+        if self.assignment_margin is not None and (self.top_k is not None
+                                                   or self.expert_choice):
             raise ValueError(
                 "`assignment_margin` applies to soft gating (top_k=None), as in Eigen et "
-                f"al.; got top_k={self.top_k}."
+                f"al.; got top_k={self.top_k}"
+                + (" with an expert-choice gate." if self.expert_choice else ".")
             )
-
-        self.gate = self._make_gate(gate)
         self.balance_loss = regularizers.get_list(balance_loss, "balance_loss", self.gate)
 
     def _make_gate(self, gate):
@@ -275,19 +270,36 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 f"(e.g. keras_moe.layers.SoftmaxGate); got {gate!r}"
             )
         validation.one_of("gate", gate, GATES)
+        routing = {"bias_update_rate": self.bias_update_rate, "num_groups": self.num_groups,
+                   "top_k_groups": self.top_k_groups}
+        if gate == "expert_choice":
+            given = [f"{k}={v!r}" for k, v in routing.items() if v is not None]
+            if self.top_k is not None or given:
+                raise ValueError(
+                    "`gate`='expert_choice' routes without `top_k` (each expert takes "
+                    "`capacity_factor * tokens / num_experts` tokens) and without "
+                    "bias_update_rate, num_groups or top_k_groups; got "
+                    + ", ".join([f"top_k={self.top_k}"] * (self.top_k is not None) + given)
+                    + "."
+                )
+            return ExpertChoiceGate(self.num_experts, capacity_factor=self.capacity_factor,
+                                    name="gate")
         if gate == "softmax":
             return SoftmaxGate(
                 self.num_experts,
                 top_k=self.top_k,
                 hidden_units=self.gate_hidden_units,
                 name="gate",
+                **routing,
             )
         if self.top_k is None:
             raise ValueError(
-                "`gate`='noisy_top_k' needs `top_k`: an integer with 1 <= top_k <= "
+                f"`gate`={gate!r} needs `top_k`: an integer with 1 <= top_k <= "
                 f"num_experts ({self.num_experts}); got None."
             )
-        return NoisyTopKGate(self.num_experts, top_k=self.top_k, name="gate")
+        if gate == "sigmoid_top_k":
+            return SigmoidTopKGate(self.num_experts, top_k=self.top_k, name="gate", **routing)
+        return NoisyTopKGate(self.num_experts, top_k=self.top_k, name="gate", **routing)
 
     def _check_gate_layer(self, gate):
         """A gate layer passed as `gate` must agree with this layer on experts and k."""
@@ -310,6 +322,13 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 f"`gate` has top_k={gate_top_k} but the layer has top_k={self.top_k}; "
                 "they must agree."
             )
+        for option in ROUTING_OPTIONS:
+            mine, its = getattr(self, option), getattr(gate, option, None)
+            if mine is not None and mine != its:
+                raise ValueError(
+                    f"`gate` has {option}={its!r} but the layer was given {option}="
+                    f"{mine!r}; set it on the gate layer (or give the gate by name)."
+                )
         return gate
 
     def build(self, input_shape):
@@ -335,8 +354,17 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                     "replicas every replica holds every variable. Build it outside the "
                     "strategy."
                 )
+        needs_sequences = [type(r).__name__ for r in self.balance_loss
+                           if getattr(r, "needs_sequences", False)]
+        if needs_sequences and len(input_shape) != 3:
+            raise ValueError(
+                f"MoEDense '{self.name}': {', '.join(needs_sequences)} in `balance_loss` "
+                "reads sequences: the layer's inputs must be (batch, sequence, features); "
+                f"got inputs of shape {tuple(input_shape)}."
+            )
         with expert_parallel.expert_weights(self.num_experts):
             self._build_experts(input_dim)
+        self._build_shared_experts(input_dim)
         if self.assignment_margin is not None:
             self.assignment_totals = self.add_weight(
                 name="assignment_totals",
@@ -354,10 +382,11 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 dtype="float32",
                 aggregation="only_first_replica",
             )
-        if self.top_k is not None:
+        if self.top_k is not None or self.expert_choice:
             # Every top-k layer keeps both counters, whatever its dispatch mode (only
             # capacity dispatch drops), so that weights move between dispatch modes:
-            # train sparse, serve capacity under XLA, and back.
+            # train sparse, serve capacity under XLA, and back. An expert-choice layer
+            # counts the tokens that no expert took, out of all tokens.
             self.dropped_assignments = self.add_weight(
                 name="dropped_assignments",
                 shape=(),
@@ -375,232 +404,10 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 aggregation="only_first_replica",
             )
 
-    # Experts ---------------------------------------------------------------------------
-
-    def _expert_weight_specs(self, input_dim):
-        """(name, shape of one expert's weight, initializer) of each stacked weight."""
-        specs = []
-        width = input_dim
-        if self.expert_hidden_units is not None:
-            specs.append(("hidden_kernel", (input_dim, self.expert_hidden_units),
-                          self.kernel_initializer))
-            if self.use_bias:
-                specs.append(("hidden_bias", (self.expert_hidden_units,), self.bias_initializer))
-            width = self.expert_hidden_units
-        specs.append(("kernel", (width, self.units), self.kernel_initializer))
-        if self.use_bias:
-            specs.append(("bias", (self.units,), self.bias_initializer))
-        return specs
-
-    def _build_experts(self, input_dim):
-        """The stacked expert weights (leading expert axis), in one piece, or in one
-        piece per device of `expert_devices`; split over devices under
-        `keras_moe.expert_parallel`."""
-        for name in EXPERT_WEIGHTS:
-            setattr(self, name, None)
-        specs = self._expert_weight_specs(input_dim)
-        if self.expert_devices is None:
-            for name, shape, initializer in specs:
-                setattr(self, name, self.add_weight(
-                    name=name, shape=(self.num_experts,) + shape,
-                    initializer=_per_expert(initializer, self.num_experts),
-                ))
-            self._expert_shards = [(None, {name: getattr(self, name) for name, _, _ in specs})]
-            return
-        import tensorflow as tf
-
-        per_device = self.num_experts // len(self.expert_devices)
-        self._expert_shards = [(device, {}) for device in self.expert_devices]
-        for name, shape, initializer in specs:
-            # One draw for all experts, then sliced, so that a placed layer starts from
-            # the values an unplaced one with the same seed would.
-            full = _per_expert(initializer, self.num_experts)((self.num_experts,) + shape)
-            for index, (device, weights) in enumerate(self._expert_shards):
-                piece = full[index * per_device:(index + 1) * per_device]
-                with tf.device(device):
-                    weights[name] = self.add_weight(
-                        name=f"{name}_{index}", shape=(per_device,) + shape,
-                        initializer=lambda shape, dtype=None, piece=piece: ops.cast(piece, dtype),
-                    )
-
-    def stacked_expert_weights(self):
-        """Each stacked expert weight as one (experts, ...) tensor, placed or not.
-
-        Returns:
-            Dict of name (`"hidden_kernel"`, `"hidden_bias"`, `"kernel"`, `"bias"`, those
-            present) to tensor, in that order.
-        """
-        names = [name for name in EXPERT_WEIGHTS if name in self._expert_shards[0][1]]
-        if len(self._expert_shards) == 1:
-            return {name: self._expert_shards[0][1][name] for name in names}
-        return {
-            name: ops.concatenate(
-                [ops.convert_to_tensor(weights[name]) for _, weights in self._expert_shards],
-                axis=0,
-            )
-            for name in names
-        }
-
     def _bookkeeping_variables(self):
         names = ("assignment_totals", "assignment_constraint_active", "dropped_assignments",
                  "routed_assignments")
         return [getattr(self, n) for n in names if getattr(self, n, None) is not None]
-
-    def save_own_variables(self, store):
-        # The stacked expert weights first, then the bookkeeping: the order Keras uses
-        # for an unplaced layer, whatever the placement, so that files stay
-        # device-agnostic (a layer trained placed loads unplaced, and back).
-        index = 0
-        for value in self.stacked_expert_weights().values():
-            store[str(index)] = ops.convert_to_numpy(value)
-            index += 1
-        for variable in self._bookkeeping_variables():
-            store[str(index)] = ops.convert_to_numpy(variable)
-            index += 1
-
-    def load_own_variables(self, store):
-        names = list(self.stacked_expert_weights())
-        bookkeeping = self._bookkeeping_variables()
-        if len(store.keys()) != len(names) + len(bookkeeping):
-            raise ValueError(
-                f"MoEDense '{self.name}' has {len(names) + len(bookkeeping)} variables "
-                f"to load ({names} and {len(bookkeeping)} counters), the file has "
-                f"{len(store.keys())}."
-            )
-        for index, name in enumerate(names):
-            value = store[str(index)]
-            pieces = len(self._expert_shards)
-            for part, (_, weights) in zip(np.split(np.asarray(value), pieces), self._expert_shards):
-                weights[name].assign(part)
-        for offset, variable in enumerate(bookkeeping):
-            variable.assign(store[str(len(names) + offset)])
-
-    def _expert(self, x, hidden_kernel, hidden_bias, kernel, bias):
-        """One expert on a (tokens, features) or a batched (experts, tokens, features) x."""
-        if hidden_kernel is not None:
-            x = ops.matmul(x, hidden_kernel)
-            if hidden_bias is not None:
-                x = x + hidden_bias
-            x = self.expert_hidden_activation(x)
-        y = ops.matmul(x, kernel)
-        if bias is not None:
-            y = y + bias
-        return self.activation(y)
-
-    def _on_each_device(self, compute):
-        """`compute(weights)` for each piece of the experts, on the piece's device."""
-        if self.expert_devices is None:
-            return [compute(self._expert_shards[0][1])]
-        import tensorflow as tf
-
-        results = []
-        for device, weights in self._expert_shards:
-            with tf.device(device):
-                results.append(compute(weights))
-        return results
-
-    def _batched_experts(self, expert_inputs):
-        """(experts or 1, n, features) -> (experts, n, units), expert e on slice e (a
-        leading 1 broadcasts the same rows to every expert)."""
-        pieces = len(self._expert_shards)
-        if expert_inputs.shape[0] == 1 or pieces == 1:
-            inputs = [expert_inputs] * pieces
-        else:
-            inputs = ops.split(expert_inputs, pieces, axis=0)
-        inputs = iter(inputs)
-
-        def compute(weights):
-            hidden_bias = weights.get("hidden_bias")
-            bias = weights.get("bias")
-            return self._expert(
-                next(inputs),
-                weights.get("hidden_kernel"),
-                None if hidden_bias is None else hidden_bias[:, None, :],
-                weights["kernel"],
-                None if bias is None else bias[:, None, :],
-            )
-
-        outputs = self._on_each_device(compute)
-        return outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=0)
-
-    def _grouped_experts(self, expert_inputs, tokens_per_expert):
-        """(n, features) rows sorted by expert -> (n, units), each row through its expert."""
-        dtype = expert_inputs.dtype
-        pieces = len(self._expert_shards)
-        if pieces == 1:
-            rows, counts = [expert_inputs], [tokens_per_expert]
-        else:
-            import tensorflow as tf
-
-            counts = tf.split(tokens_per_expert, pieces)
-            rows = tf.split(expert_inputs, [tf.reduce_sum(c) for c in counts])
-        work = iter(zip(rows, counts))
-
-        def cast(weight):
-            return None if weight is None else ops.cast(weight, dtype)
-
-        def compute(weights):
-            piece_rows, piece_counts = next(work)
-            layers = []
-            if self.expert_hidden_units is not None:
-                layers.append((cast(weights["hidden_kernel"]), cast(weights.get("hidden_bias"))))
-            layers.append((cast(weights["kernel"]), cast(weights.get("bias"))))
-            return dispatch_lib.grouped_ffn(
-                piece_rows, piece_counts, layers, hidden_activation=self.expert_hidden_activation
-            )
-
-        outputs = self._on_each_device(compute)
-        outputs = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=0)
-        return self.activation(outputs)
-
-    # Eigen's assignment constraint ----------------------------------------------------
-
-    def set_assignment_constraint(self, active):
-        """Switches Eigen's running-assignment constraint on or off (phase 2: off).
-
-        Takes effect without recompiling the model: the switch is a layer variable.
-        """
-        if self.assignment_margin is None:
-            raise ValueError(
-                "This layer has no assignment constraint: build it with "
-                "`assignment_margin` set to a number >= 0."
-            )
-        self.assignment_constraint_active.assign(1.0 if active else 0.0)
-
-    def reset_assignment_totals(self):
-        """Sets every running assignment total back to zero."""
-        self.assignment_totals.assign(ops.zeros_like(self.assignment_totals))
-
-    def _constrain_assignments(self, gates):
-        margin = self.assignment_margin
-
-        def step(totals, gate):
-            over = (totals - ops.mean(totals)) > margin
-            allowed = 1.0 - ops.cast(over, "float32")
-            kept = gate * allowed
-            kept = kept / ops.maximum(ops.sum(kept), 1e-30)
-            return totals + kept, allowed
-
-        start = ops.convert_to_tensor(self.assignment_totals)
-
-        def constrained():
-            totals, allowed = ops.scan(step, start, ops.stop_gradient(gates))
-            kept = gates * allowed
-            norm = ops.sum(kept, axis=-1, keepdims=True)
-            # A row whose allowed experts all have gates that underflowed to 0 falls back
-            # to uniform weights over the allowed experts instead of dividing by zero.
-            uniform = allowed / ops.sum(allowed, axis=-1, keepdims=True)
-            kept = ops.where(norm > 1e-30, kept / ops.maximum(norm, 1e-30), uniform)
-            return kept, totals - start
-
-        def free():
-            return gates, ops.zeros_like(start)
-
-        # The branches only compute; the running totals are updated after the cond, so
-        # that on JAX no traced value escapes a branch into the variable.
-        gates, added = ops.cond(self.assignment_constraint_active > 0.5, constrained, free)
-        _add_global(self.assignment_totals, added)
-        return gates
 
     # Forward ---------------------------------------------------------------------------
 
@@ -611,6 +418,9 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         tokens = inputs if token_axes == 1 else ops.reshape(inputs, (-1, input_dim))
 
         gate_outputs = self._gate_outputs(tokens, training)
+        if token_axes == 2:  # (batch, sequence, features): sequence-wise losses read it
+            gate_outputs["tokens_per_sequence"] = (
+                inputs.shape[1] if inputs.shape[1] is not None else ops.shape(inputs)[1])
         gates = gate_outputs["gates"]
         if training and self.assignment_margin is not None:
             gates = self._constrain_assignments(gates)
@@ -623,25 +433,35 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
             outputs = dispatch_lib.dense_combine(
                 self._batched_experts(ops.expand_dims(tokens, 0)), gates
             )
+        elif self.expert_choice:
+            self._refuse_under_expert_parallel("expert-choice routing (each expert "
+                                               "chooses among all the batch's tokens)")
+            outputs = dispatch_lib.expert_choice_dispatch(
+                tokens, gate_outputs["expert_choice_indices"],
+                gate_outputs["expert_choice_gates"], self._batched_experts)
         else:
             top_k_indices, top_k_gates = self._top_k_assignments(gate_outputs)
             if self.dispatch == "sparse":
-                if expert_parallel.current() is not None:
-                    raise ValueError(
-                        f"MoEDense '{self.name}': dispatch='sparse' does not run under "
-                        "expert_parallel (its row counts per device are data-dependent); "
-                        "use dispatch='capacity', which the distribution splits over "
-                        "the devices."
-                    )
+                self._refuse_under_expert_parallel(
+                    "dispatch='sparse' (its row counts per device are data-dependent); "
+                    "use dispatch='capacity', which the distribution splits over the "
+                    "devices")
                 outputs = dispatch_lib.sparse_dispatch(
                     tokens, top_k_indices, top_k_gates, self.num_experts, self._grouped_experts
                 )
             else:
                 outputs, dropped = self._capacity_dispatch(tokens, top_k_indices, top_k_gates)
-                _add_global(self.dropped_assignments, ops.cast(dropped, "float32"))
+                add_global(self.dropped_assignments, ops.cast(dropped, "float32"))
         if self.top_k is not None:
             assignments = ops.shape(tokens)[0] * self.top_k
-            _add_global(self.routed_assignments, ops.cast(assignments, "float32"))
+            add_global(self.routed_assignments, ops.cast(assignments, "float32"))
+        if self.expert_choice:
+            experts_per_token = ops.sum(gate_outputs["dispatch_mask"], axis=-1)
+            unrouted = ops.sum(ops.cast(experts_per_token == 0, "float32"))
+            add_global(self.dropped_assignments, unrouted)
+            add_global(self.routed_assignments, ops.cast(ops.shape(tokens)[0], "float32"))
+        if self.num_shared_experts:
+            outputs = outputs + self._shared_expert_outputs(tokens)
 
         if token_axes > 1:
             outputs = ops.reshape(outputs, leading_shape + (self.units,))
@@ -649,6 +469,11 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         if self.return_gates:
             return outputs, gates
         return outputs
+
+    def _refuse_under_expert_parallel(self, what):
+        if expert_parallel.current() is not None:
+            raise ValueError(f"MoEDense '{self.name}': {what} does not run under "
+                             "keras_moe.expert_parallel.")
 
     def _capacity_dispatch(self, tokens, top_k_indices, top_k_gates):
         """Capacity dispatch by token groups: `token_groups`, or one per device of an
@@ -717,16 +542,19 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
         """Fraction of token-assignments dropped by capacity dispatch since the last reset.
 
         Always 0.0 for sparse and dense dispatch (they drop nothing) and soft gating.
+        With an expert-choice gate: the fraction of tokens that no expert took (in any
+        dispatch mode).
         """
-        if self.top_k is None:
+        if self.top_k is None and not self.expert_choice:
             return 0.0
         routed = float(ops.convert_to_numpy(self.routed_assignments))
         dropped = float(ops.convert_to_numpy(self.dropped_assignments))
         return dropped / routed if routed else 0.0
 
     def reset_drop_counters(self):
-        """Zeroes the counters of dropped and routed assignments (top-k layers)."""
-        if self.top_k is not None:
+        """Zeroes the counters of dropped and routed assignments (top-k and expert-choice
+        layers)."""
+        if self.top_k is not None or self.expert_choice:
             self.dropped_assignments.assign(0.0)
             self.routed_assignments.assign(0.0)
 
@@ -762,6 +590,10 @@ class MoEDense(ReplicaLocalLossesMixin, keras.layers.Layer):
                 "return_gates": self.return_gates,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "num_shared_experts": self.num_shared_experts,
+                "bias_update_rate": self.bias_update_rate,
+                "num_groups": self.num_groups,
+                "top_k_groups": self.top_k_groups,
             }
         )
         return config

@@ -1,7 +1,7 @@
 """Balancing and sparsity regularizers for mixture-of-experts gates.
 
 Pure functions of gate tensors (`cv_squared`, `importance_cv_squared`, `noisy_top_k_load`,
-`switch_load_balance`, `router_z_loss`, the entropy and variance gate losses,
+`switch_load_balance`, `sequence_balance_loss`, `router_z_loss`, the entropy and variance gate losses,
 `l1_gate_sparsity`) in `keras.ops`, global over the batch under `tf.distribute`, and thin
 serializable `GateRegularizer` objects that weight them and read a gate's output dict.
 """
@@ -18,6 +18,7 @@ from keras_moe.regularizers.functional import noisy_top_k_load
 from keras_moe.regularizers.functional import router_z_loss
 from keras_moe.regularizers.functional import sample_entropy_loss
 from keras_moe.regularizers.functional import sample_variance_loss
+from keras_moe.regularizers.functional import sequence_balance_loss
 from keras_moe.regularizers.functional import switch_load_balance
 from keras_moe.regularizers.losses import EntropyGateLoss
 from keras_moe.regularizers.losses import GateRegularizer
@@ -25,6 +26,7 @@ from keras_moe.regularizers.losses import ImportanceLoss
 from keras_moe.regularizers.losses import L1GateLoss
 from keras_moe.regularizers.losses import LoadLoss
 from keras_moe.regularizers.losses import RouterZLoss
+from keras_moe.regularizers.losses import SequenceBalanceLoss
 from keras_moe.regularizers.losses import SwitchLoadBalanceLoss
 from keras_moe.regularizers.losses import VarianceGateLoss
 from keras_moe.regularizers.losses import check_gate_supports
@@ -76,6 +78,8 @@ __all__ = [
     "sample_entropy_loss",
     "sample_variance_loss",
     "scale_for_replicas",
+    "sequence_balance_loss",
+    "SequenceBalanceLoss",
     "serialize",
     "switch_load_balance",
     "SwitchLoadBalanceLoss",

@@ -38,6 +38,7 @@ __all__ = [
     "noisy_top_k_load",
     "load_cv_squared",
     "switch_load_balance",
+    "sequence_balance_loss",
     "router_z_loss",
     "entropy",
     "batch_entropy_loss",
@@ -300,6 +301,47 @@ def switch_load_balance(router_probs, dispatch_mask):
     fraction = batch_sum(share) / routed_tokens
     mean_probs = _mean_over(router_probs, ops.cast(keep, "float32"))
     return num_experts * ops.sum(fraction * mean_probs)
+
+
+def sequence_balance_loss(probs, dispatch_mask, tokens_per_sequence):
+    """DeepSeek-V3's sequence-wise balance loss (unweighted): the Switch term per sequence.
+
+    For each sequence of `T` tokens, `L_s = sum_e f_e P_e` with
+    `f_e = E * c_e / sum_e c_e` (`c_e` the sequence's tokens sent to `e`; for a top-k
+    gate `sum_e c_e = k T`, the paper's `E / (k T) * c_e`) and `P_e = mean_t probs[t, e]`
+    (the normalised scores); the loss is the mean of `L_s` over the global batch's
+    sequences. `f` is a count and gets no gradient. A token whose row is not finite is
+    left out of its sequence (a sequence left with none is left out of the mean).
+
+    Minimum: 1, reached when every sequence spreads its tokens evenly.
+
+    Source: DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", eq. 17-20.
+
+    Args:
+        probs: `(sequences * T, experts)` (or `(sequences, T, experts)`) normalised
+            scores (each row sums to 1).
+        dispatch_mask: Same shape, float 0/1, 1 where the token is sent to the expert.
+        tokens_per_sequence: `T`, the sequence length (an int or a scalar tensor).
+
+    Returns:
+        Scalar float32 tensor.
+    """
+    probs = _tokens(probs, "probs")
+    dispatch_mask = ops.stop_gradient(_tokens(dispatch_mask, "dispatch_mask"))
+    keep = _finite_rows(probs, dispatch_mask)
+    probs = _zero_rows(probs, keep)
+    dispatch_mask = _zero_rows(dispatch_mask, keep)
+    num_experts = probs.shape[-1]
+    by_sequence = (-1, tokens_per_sequence, num_experts)
+    counts = ops.sum(ops.reshape(dispatch_mask, by_sequence), axis=1)  # (sequences, E)
+    score_sums = ops.sum(ops.reshape(probs, by_sequence), axis=1)
+    kept = ops.sum(ops.reshape(ops.cast(keep, "float32"), by_sequence[:2]), axis=1)
+    fraction = num_experts * counts / ops.maximum(ops.sum(counts, axis=-1, keepdims=True),
+                                                  1.0)
+    mean_scores = score_sums / ops.maximum(kept, 1.0)[:, None]
+    present = ops.cast(kept > 0, "float32")
+    per_sequence = ops.sum(fraction * mean_scores, axis=-1) * present
+    return batch_sum(per_sequence) / ops.maximum(batch_sum(present), 1.0)
 
 
 def router_z_loss(logits):

@@ -27,6 +27,7 @@ __all__ = [
     "ImportanceLoss",
     "LoadLoss",
     "SwitchLoadBalanceLoss",
+    "SequenceBalanceLoss",
     "RouterZLoss",
     "EntropyGateLoss",
     "VarianceGateLoss",
@@ -46,6 +47,7 @@ KEY_PROVIDERS = {
     "dispatch_mask": "sparse routing gates (top-k, noisy top-k, Switch gates)",
     "load": "top-k routing gates (noisy top-k: smooth estimate in training; top-k and "
     "Switch: hard counts)",
+    "tokens_per_sequence": "MoEDense on (batch, sequence, features) inputs",
 }
 
 
@@ -249,6 +251,46 @@ class SwitchLoadBalanceLoss(_CoefficientRegularizer):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
+class SequenceBalanceLoss(_CoefficientRegularizer):
+    """DeepSeek-V3's sequence-wise balance loss: `coefficient * mean_s sum_e f_e P_e`.
+
+    The Switch term of each sequence on its own (see
+    `functional.sequence_balance_loss`), so that no single sequence piles its tokens on
+    a few experts, then averaged over the global batch's sequences. For layers on
+    `(batch, sequence, features)` inputs: `MoEDense` passes the sequence length as
+    `gate_outputs["tokens_per_sequence"]` and refuses this loss at build on inputs of
+    another rank. DeepSeek-V3 uses it beside auxiliary-loss-free balancing, with a tiny
+    coefficient.
+
+    Minimum: `coefficient * 1`, reached when every sequence spreads its tokens evenly.
+
+    Source: DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", eq. 17-20 (alpha = 1e-4).
+
+    Args:
+        coefficient: weight of the term, a finite number >= 0 (default 1e-4).
+
+    Example:
+
+    >>> probs = np.full((2 * 3, 4), 0.25, "float32")   # 2 sequences of 3 tokens
+    >>> mask = np.eye(4, dtype="float32")[[0, 1, 2, 3, 0, 1]]
+    >>> loss = SequenceBalanceLoss()({"probs": probs, "dispatch_mask": mask,
+    ...                               "tokens_per_sequence": 3})
+    """
+
+    required_keys = ("probs", "dispatch_mask", "tokens_per_sequence")
+    # Reads sequences: the layer must see (batch, sequence, features) inputs.
+    needs_sequences = True
+
+    def __init__(self, coefficient=1e-4):
+        super().__init__(coefficient)
+
+    def term(self, gate_outputs):
+        return functional.sequence_balance_loss(
+            gate_outputs["probs"], gate_outputs["dispatch_mask"],
+            gate_outputs["tokens_per_sequence"])
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
 class RouterZLoss(_CoefficientRegularizer):
     """Router z-loss: `coefficient * batch_mean_t (logsumexp_e logits[t, e])^2`.
 
@@ -382,6 +424,7 @@ _CLASSES = {
         ImportanceLoss,
         LoadLoss,
         SwitchLoadBalanceLoss,
+        SequenceBalanceLoss,
         RouterZLoss,
         EntropyGateLoss,
         VarianceGateLoss,
@@ -394,6 +437,7 @@ ALIASES = {
     "load": LoadLoss,
     "switch": SwitchLoadBalanceLoss,
     "switch_load_balance": SwitchLoadBalanceLoss,
+    "sequence_balance": SequenceBalanceLoss,
     "z_loss": RouterZLoss,
     "router_z_loss": RouterZLoss,
     "entropy": EntropyGateLoss,

@@ -86,3 +86,14 @@ def scale_for_replicas(loss):
     if replicas == 1:
         return loss
     return loss / ops.cast(replicas, loss.dtype)
+
+
+def add_global(variable, delta):
+    """Adds `delta`, summed over the replicas of a `tf.distribute` strategy, to `variable`.
+
+    For bookkeeping variables that count the global batch (Eigen's running totals, the
+    drop counters of `MoEDense`). They use ONLY_FIRST_REPLICA aggregation and every
+    replica adds the same global sum; SUM aggregation would add every replica's
+    `variable + delta`, doubling the old value on two replicas at each step.
+    """
+    variable.assign_add(ops.stop_gradient(cross_replica_sum(delta)))

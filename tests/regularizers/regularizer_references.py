@@ -83,6 +83,22 @@ def np_switch(probs, mask):
     return experts * np.sum(fraction * probs.mean(axis=0))
 
 
+def np_sequence_balance(probs, mask, tokens_per_sequence):
+    """DeepSeek-V3's sequence-wise balance, sequence by sequence: the mean over sequences
+    of `sum_e (E / (k T)) * count_e * mean_t probs[t, e]`, k the experts per token."""
+    probs = np.asarray(probs, np.float64)
+    mask = np.asarray(mask, np.float64)
+    experts = probs.shape[-1]
+    terms = []
+    for start in range(0, len(probs), tokens_per_sequence):
+        p = probs[start:start + tokens_per_sequence]
+        m = mask[start:start + tokens_per_sequence]
+        k = m.sum(axis=-1).mean()
+        f = experts / (k * len(p)) * m.sum(axis=0)
+        terms.append(np.sum(f * p.mean(axis=0)))
+    return float(np.mean(terms))
+
+
 def np_router_z(logits):
     """Mean over tokens of `logsumexp(logits)^2`."""
     logits = np.asarray(logits, np.float64)

@@ -23,6 +23,7 @@ from regularizers.regularizer_references import np_noisy_top_k_load
 from regularizers.regularizer_references import np_router_z
 from regularizers.regularizer_references import np_sample_entropy
 from regularizers.regularizer_references import np_sample_variance
+from regularizers.regularizer_references import np_sequence_balance
 from regularizers.regularizer_references import np_switch
 from regularizers.regularizer_references import random_gates
 from regularizers.regularizer_references import requires_jax
@@ -313,6 +314,49 @@ def test_switch_load_balance_gradient_only_through_probs():
     fraction = outputs["dispatch_mask"].mean(axis=0) / 2.0
     expected = np.tile(5 * fraction / 10, (10, 1))
     np.testing.assert_allclose(grad_probs, expected, rtol=RTOL)
+
+
+@pytest.mark.parametrize("k, length", [(1, 4), (2, 5), (3, 20)])
+def test_sequence_balance_loss_matches_reference(k, length):
+    outputs = top_k_gates(17, tokens=20, experts=6, k=k)
+    value = float(to_numpy(R.sequence_balance_loss(outputs["probs"], outputs["dispatch_mask"],
+                                                   length)))
+    np.testing.assert_allclose(
+        value, np_sequence_balance(outputs["probs"], outputs["dispatch_mask"], length),
+        rtol=RTOL)
+
+
+def test_sequence_balance_loss_is_one_for_evenly_spread_sequences_and_more_otherwise():
+    probs = np.full((8, 4), 0.25, np.float32)
+    even = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 3, 2, 1, 0]]  # 2 sequences of 4
+    assert float(to_numpy(R.sequence_balance_loss(probs, even, 4))) == pytest.approx(1.0)
+    # The same tokens as one batch are balanced; as sequences of 2 they are not.
+    skewed = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 2, 3, 3]]
+    peaked = np.where(skewed > 0, 0.7, 0.1).astype(np.float32)
+    assert float(to_numpy(R.sequence_balance_loss(peaked, skewed, 8))) == pytest.approx(1.0)
+    assert float(to_numpy(R.sequence_balance_loss(peaked, skewed, 2))) > 2.0
+
+
+def test_sequence_balance_loss_gradient_only_through_probs_and_nan_tokens_left_out():
+    outputs = top_k_gates(18, tokens=12, experts=5, k=2)
+    _, (grad_probs, grad_mask), _ = gradients(
+        lambda p, m: R.sequence_balance_loss(p, m, 4),
+        inputs=[outputs["probs"], outputs["dispatch_mask"]])
+    assert_no_gradient(grad_mask)
+    # d/dP[t, e] of mean_s sum_e f_e P_e = f_e(s) / (T * sequences).
+    mask = outputs["dispatch_mask"].reshape(3, 4, 5).astype(np.float64)
+    f = 5 / (2 * 4) * mask.sum(1)
+    np.testing.assert_allclose(grad_probs.reshape(3, 4, 5),
+                               np.repeat(f[:, None, :], 4, 1) / (4 * 3), rtol=RTOL)
+    # A NaN token drops out of its own sequence only.
+    probs = np.array(outputs["probs"], copy=True)
+    probs[5] = np.nan
+    value = float(to_numpy(R.sequence_balance_loss(probs, outputs["dispatch_mask"], 4)))
+    keep = [r for r in range(12) if r != 5]
+    parts = [np_sequence_balance(outputs["probs"][rows], outputs["dispatch_mask"][rows], len(rows))
+             for rows in ([r for r in keep if r < 4], [r for r in keep if 4 <= r < 8],
+                          [r for r in keep if r >= 8])]
+    assert value == pytest.approx(np.mean(parts), rel=RTOL)
 
 
 def test_router_z_loss():

@@ -49,6 +49,11 @@ def distributed_cases():
             [outputs["probs"], outputs["dispatch_mask"]],
         ),
         "router_z_loss": (R.router_z_loss, [outputs["logits"]]),
+        # Four sequences of two tokens: two on each replica.
+        "sequence_balance_loss": (
+            lambda probs, mask: R.sequence_balance_loss(probs, mask, 2),
+            [outputs["probs"], outputs["dispatch_mask"]],
+        ),
         "noisy_top_k_load_cv": (
             lambda clean, noisy, std: R.load_cv_squared(R.noisy_top_k_load(clean, noisy, std, 2)),
             [outputs["logits"], noisy_logits, np.full((TOKENS, EXPERTS), 0.8, np.float32)],

@@ -1,0 +1,277 @@
+"""The stacked expert weights of `MoEDense`: creation, placement, files and compute.
+
+`StackedExperts` is the part of `MoEDense` that holds its experts: every expert weight is
+one variable with a leading expert axis (`(experts, in, out)`), or one variable per
+device with `expert_devices` (TensorFlow placement), split over a device mesh under
+`keras_moe.expert_parallel`; files always hold the stacked weights, so a layer trained
+placed loads unplaced and back. It also holds the shared experts (DeepSeekMoE): experts
+of the same shape that every token passes through, stacked the same way but never
+split over devices.
+
+The experts run two ways: `_batched_experts` (a batched matmul over `(experts, n,
+features)`, for dense and capacity dispatch) and `_grouped_experts` (rows sorted by
+expert, for sparse dispatch).
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_moe.layers import dispatch as dispatch_lib
+
+EXPERT_WEIGHTS = ("hidden_kernel", "hidden_bias", "kernel", "bias")
+
+
+def check_expert_devices(devices, num_experts):
+    if devices is None:
+        return None
+    if isinstance(devices, str) or not isinstance(devices, (list, tuple)) or not devices or not all(
+        isinstance(d, str) for d in devices
+    ):
+        raise ValueError(
+            "expert_devices must be None or a non-empty list of TensorFlow device names "
+            f"(e.g. ['/GPU:0', '/GPU:1']), got {devices!r}"
+        )
+    if num_experts % len(devices):
+        raise ValueError(
+            f"expert_devices: {len(devices)} devices must divide num_experts "
+            f"({num_experts}) so that each holds as many experts."
+        )
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "expert_devices places experts with TensorFlow's device scopes; on "
+            f"{keras.backend.backend()!r} use keras_moe.expert_parallel.expert_parallel()."
+        )
+    return tuple(devices)
+
+
+
+def _per_expert(initializer, num_experts):
+    """`initializer` for a stack of `num_experts` expert weights, each scaled as alone.
+
+    Keras's variance-scaling initializers (Glorot, He, LeCun) read a leading axis as a
+    receptive field and divide the variance by it: drawn on an (experts, in, out) shape,
+    every expert would start `sqrt(experts)` times smaller than the same weight of a
+    `Dense` layer. Scaling the variance back by the number of experts gives each expert
+    the fans of its own (in, out) matrix, in one draw.
+    """
+    if (
+        not isinstance(initializer, keras.initializers.VarianceScaling)
+        or num_experts == 1
+        or getattr(initializer, "input_axes", None) is not None
+        or getattr(initializer, "output_axes", None) is not None
+    ):
+        return initializer  # no fans, or fans the user chose
+    return keras.initializers.VarianceScaling(
+        scale=initializer.scale * num_experts,
+        mode=initializer.mode,
+        distribution=initializer.distribution,
+        seed=initializer.seed,
+    )
+
+
+class StackedExperts:
+    """Mixin of `MoEDense`: its routed and shared experts (see the module docstring).
+
+    The layer sets `num_experts`, `num_shared_experts`, `units`, `expert_hidden_units`,
+    `use_bias`, `activation`, `expert_hidden_activation`, `kernel_initializer`,
+    `bias_initializer` and `expert_devices`, and lists its non-weight variables in
+    `_bookkeeping_variables()` (saved after the weights).
+    """
+
+    def _expert_weight_specs(self, input_dim):
+        """(name, shape of one expert's weight, initializer) of each stacked weight."""
+        specs = []
+        width = input_dim
+        if self.expert_hidden_units is not None:
+            specs.append(("hidden_kernel", (input_dim, self.expert_hidden_units),
+                          self.kernel_initializer))
+            if self.use_bias:
+                specs.append(("hidden_bias", (self.expert_hidden_units,), self.bias_initializer))
+            width = self.expert_hidden_units
+        specs.append(("kernel", (width, self.units), self.kernel_initializer))
+        if self.use_bias:
+            specs.append(("bias", (self.units,), self.bias_initializer))
+        return specs
+
+    def _build_experts(self, input_dim):
+        """The stacked expert weights (leading expert axis), in one piece, or in one
+        piece per device of `expert_devices`; split over devices under
+        `keras_moe.expert_parallel`."""
+        for name in EXPERT_WEIGHTS:
+            setattr(self, name, None)
+        specs = self._expert_weight_specs(input_dim)
+        if self.expert_devices is None:
+            for name, shape, initializer in specs:
+                setattr(self, name, self.add_weight(
+                    name=name, shape=(self.num_experts,) + shape,
+                    initializer=_per_expert(initializer, self.num_experts),
+                ))
+            self._expert_shards = [(None, {name: getattr(self, name) for name, _, _ in specs})]
+            return
+        import tensorflow as tf
+
+        per_device = self.num_experts // len(self.expert_devices)
+        self._expert_shards = [(device, {}) for device in self.expert_devices]
+        for name, shape, initializer in specs:
+            # One draw for all experts, then sliced, so that a placed layer starts from
+            # the values an unplaced one with the same seed would.
+            full = _per_expert(initializer, self.num_experts)((self.num_experts,) + shape)
+            for index, (device, weights) in enumerate(self._expert_shards):
+                piece = full[index * per_device:(index + 1) * per_device]
+                with tf.device(device):
+                    weights[name] = self.add_weight(
+                        name=f"{name}_{index}", shape=(per_device,) + shape,
+                        initializer=lambda shape, dtype=None, piece=piece: ops.cast(piece, dtype),
+                    )
+
+    def stacked_expert_weights(self):
+        """Each stacked expert weight as one (experts, ...) tensor, placed or not.
+
+        Returns:
+            Dict of name (`"hidden_kernel"`, `"hidden_bias"`, `"kernel"`, `"bias"`, those
+            present) to tensor, in that order.
+        """
+        names = [name for name in EXPERT_WEIGHTS if name in self._expert_shards[0][1]]
+        if len(self._expert_shards) == 1:
+            return {name: self._expert_shards[0][1][name] for name in names}
+        return {
+            name: ops.concatenate(
+                [ops.convert_to_tensor(weights[name]) for _, weights in self._expert_shards],
+                axis=0,
+            )
+            for name in names
+        }
+
+
+    def _build_shared_experts(self, input_dim):
+        """The shared experts' stacked weights (replicated under expert parallelism:
+        created outside `expert_weights()`), named `shared_<weight>`."""
+        self._shared_weights = {}
+        if not self.num_shared_experts:
+            return
+        for name, shape, initializer in self._expert_weight_specs(input_dim):
+            self._shared_weights[name] = self.add_weight(
+                name=f"shared_{name}", shape=(self.num_shared_experts,) + shape,
+                initializer=_per_expert(initializer, self.num_shared_experts),
+            )
+
+    def _shared_expert_outputs(self, tokens):
+        """(tokens, units): the sum of every shared expert's output on every token."""
+        weights = self._shared_weights
+        hidden_bias, bias = weights.get("hidden_bias"), weights.get("bias")
+        outputs = self._expert(
+            ops.expand_dims(tokens, 0),
+            weights.get("hidden_kernel"),
+            None if hidden_bias is None else hidden_bias[:, None, :],
+            weights["kernel"],
+            None if bias is None else bias[:, None, :],
+        )
+        return ops.sum(outputs, axis=0)
+
+    def save_own_variables(self, store):
+        # The stacked expert weights first, then the shared experts', then the
+        # bookkeeping: the order Keras uses for an unplaced layer, whatever the
+        # placement, so that files stay device-agnostic (a layer trained placed loads
+        # unplaced, and back).
+        values = list(self.stacked_expert_weights().values())
+        values += list(self._shared_weights.values()) + self._bookkeeping_variables()
+        for index, value in enumerate(values):
+            store[str(index)] = ops.convert_to_numpy(value)
+
+    def load_own_variables(self, store):
+        names = list(self.stacked_expert_weights())
+        others = list(self._shared_weights.values()) + self._bookkeeping_variables()
+        if len(store.keys()) != len(names) + len(others):
+            raise ValueError(
+                f"MoEDense '{self.name}' has {len(names) + len(others)} variables to load "
+                f"({names}, {len(self._shared_weights)} shared expert weights and "
+                f"{len(others) - len(self._shared_weights)} counters), the file has "
+                f"{len(store.keys())}."
+            )
+        for index, name in enumerate(names):
+            value = store[str(index)]
+            pieces = len(self._expert_shards)
+            for part, (_, weights) in zip(np.split(np.asarray(value), pieces), self._expert_shards):
+                weights[name].assign(part)
+        for offset, variable in enumerate(others):
+            variable.assign(store[str(len(names) + offset)])
+
+
+    def _expert(self, x, hidden_kernel, hidden_bias, kernel, bias):
+        """One expert on a (tokens, features) or a batched (experts, tokens, features) x."""
+        if hidden_kernel is not None:
+            x = ops.matmul(x, hidden_kernel)
+            if hidden_bias is not None:
+                x = x + hidden_bias
+            x = self.expert_hidden_activation(x)
+        y = ops.matmul(x, kernel)
+        if bias is not None:
+            y = y + bias
+        return self.activation(y)
+
+    def _on_each_device(self, compute):
+        """`compute(weights)` for each piece of the experts, on the piece's device."""
+        if self.expert_devices is None:
+            return [compute(self._expert_shards[0][1])]
+        import tensorflow as tf
+
+        results = []
+        for device, weights in self._expert_shards:
+            with tf.device(device):
+                results.append(compute(weights))
+        return results
+
+    def _batched_experts(self, expert_inputs):
+        """(experts or 1, n, features) -> (experts, n, units), expert e on slice e (a
+        leading 1 broadcasts the same rows to every expert)."""
+        pieces = len(self._expert_shards)
+        if expert_inputs.shape[0] == 1 or pieces == 1:
+            inputs = [expert_inputs] * pieces
+        else:
+            inputs = ops.split(expert_inputs, pieces, axis=0)
+        inputs = iter(inputs)
+
+        def compute(weights):
+            hidden_bias = weights.get("hidden_bias")
+            bias = weights.get("bias")
+            return self._expert(
+                next(inputs),
+                weights.get("hidden_kernel"),
+                None if hidden_bias is None else hidden_bias[:, None, :],
+                weights["kernel"],
+                None if bias is None else bias[:, None, :],
+            )
+
+        outputs = self._on_each_device(compute)
+        return outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=0)
+
+    def _grouped_experts(self, expert_inputs, tokens_per_expert):
+        """(n, features) rows sorted by expert -> (n, units), each row through its expert."""
+        dtype = expert_inputs.dtype
+        pieces = len(self._expert_shards)
+        if pieces == 1:
+            rows, counts = [expert_inputs], [tokens_per_expert]
+        else:
+            import tensorflow as tf
+
+            counts = tf.split(tokens_per_expert, pieces)
+            rows = tf.split(expert_inputs, [tf.reduce_sum(c) for c in counts])
+        work = iter(zip(rows, counts))
+
+        def cast(weight):
+            return None if weight is None else ops.cast(weight, dtype)
+
+        def compute(weights):
+            piece_rows, piece_counts = next(work)
+            layers = []
+            if self.expert_hidden_units is not None:
+                layers.append((cast(weights["hidden_kernel"]), cast(weights.get("hidden_bias"))))
+            layers.append((cast(weights["kernel"]), cast(weights.get("bias"))))
+            return dispatch_lib.grouped_ffn(
+                piece_rows, piece_counts, layers, hidden_activation=self.expert_hidden_activation
+            )
+
+        outputs = self._on_each_device(compute)
+        outputs = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=0)
+        return self.activation(outputs)
