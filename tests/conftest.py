@@ -45,8 +45,20 @@ LOGICAL_CPUS = [d.name for d in tf.config.list_logical_devices("CPU")]
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Off TensorFlow, run only the tests marked `multi_backend`."""
+    """Test workers (pytest-xdist, `-n 2 --dist loadgroup`, the README's command) run
+    each test module on one worker, so that its module-scoped fixtures (a trained run
+    directory, a set of exports) are built once; a module whose tests are independent
+    says so with `XDIST_SPREAD = True` and has them spread over the workers.
+    (`tryfirst`: xdist reads the groups from the markers after this hook.)
+
+    Off TensorFlow, run only the tests marked `multi_backend`."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and not getattr(module, "XDIST_SPREAD", False) \
+                and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(module.__name__))
     if os.environ["KERAS_BACKEND"] == "tensorflow":
         return
     selected = [item for item in items if item.get_closest_marker("multi_backend")]
