@@ -2,7 +2,9 @@
 
     python examples/study.py PAPER [--budget full] [--seeds N] [--print-only] [--markdown]
 
-PAPER is one of `deepmoe` (004), `two_domain` (002), `eigen` (001), `shazeer` (003).
+PAPER is one of `deepmoe` (004), `two_domain` (002), `eigen` (001), `shazeer` (003), or
+`routing` (the routers of current MoE models on paper 003's classifier;
+`examples/routing.py` runs it).
 Each study has arms (a model or recipe and its settings); this script trains every arm
 seed by seed (seed 0 of every arm, then seed 1, ...) through the public command line,
 as a subprocess:
@@ -55,7 +57,7 @@ import warnings
 REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # analyse with the same copy of keras_moe that trains
     sys.path.insert(0, str(REPO))
-PAPERS = ("deepmoe", "two_domain", "eigen", "shazeer")
+PAPERS = ("deepmoe", "two_domain", "eigen", "shazeer", "routing")
 CONFIDENCE = 0.95
 
 # Statistics ------------------------------------------------------------------------------
@@ -355,6 +357,8 @@ def _numpy_split(name, split, seed, normalize, size):
     if size:
         ds = ds.take(size)
     features, labels = next(iter(ds.batch(1 << 20)))
+    if not isinstance(features, dict):  # a set without extras: the images alone
+        features = {"image": features}
     return {k: np.asarray(v) for k, v in features.items()}, np.asarray(labels)
 
 
@@ -609,10 +613,103 @@ def shazeer_study():
               "first 1,024 test images; share = fraction of the top-k assignments.")
 
 
+# Routing since 2017 (on 003's classifier) --------------------------------------------------
+
+ROUTING_BUDGETS = {
+    # The default recipe's budget with 32 experts, top-2: 6 epochs on all 60,000 images.
+    "full": {"seeds": 3, "train_size": 0, "test_size": 0, "epochs": 6},
+    "tiny": {"seeds": 1, "train_size": 256, "test_size": 256, "epochs": 1},
+}
+ROUTING_EXPERTS, ROUTING_TOP_K = 32, 2
+# Every arm but the paper's turns the recipe's importance and load losses off.
+_NO_AUX = ("--set", "losses.importance_weight=0.0", "--set", "losses.load_weight=0.0")
+
+
+def _routing_args(arm, budget):
+    return ["--epochs", str(budget["epochs"]), "--set", f"model.num_experts={ROUTING_EXPERTS}",
+            "--set", f"model.top_k={ROUTING_TOP_K}"]
+
+
+def routing_arms():
+    """The balancing ways of issue 16, each an `Arm` of the default recipe."""
+    return [
+        Arm("none", "sparse_moe_fashion_mnist", _NO_AUX,
+            description="noisy top-2, no balancing"),
+        Arm("importance_load", "sparse_moe_fashion_mnist",
+            description="noisy top-2, importance and load losses 0.1 each (Shazeer)"),
+        Arm("switch_z", "sparse_moe_fashion_mnist",
+            _NO_AUX + ("--set", "model.gate=softmax", "--set", "losses.switch_weight=0.01",
+                       "--set", "losses.z_loss_weight=0.001"),
+            description="softmax top-2, Switch loss 0.01 and z-loss 0.001 (Fedus, Zoph)"),
+        Arm("aux_free", "sparse_moe_fashion_mnist",
+            _NO_AUX + ("--set", "model.gate=softmax", "--set", "model.bias_update_rate=0.001"),
+            description="softmax top-2, auxiliary-loss-free bias, rate 0.001 (Wang et al.)"),
+        Arm("expert_choice", "sparse_moe_fashion_mnist",
+            _NO_AUX + ("--set", "model.gate=expert_choice"),
+            description="expert choice, capacity factor 2 (Zhou et al.)"),
+        Arm("sigmoid_aux_free_shared", "sparse_moe_fashion_mnist",
+            _NO_AUX + ("--set", "model.gate=sigmoid_top_k", "--set",
+                       "model.bias_update_rate=0.001", "--set", "model.num_shared_experts=1"),
+            description="sigmoid top-2, bias rate 0.001, one shared expert (DeepSeek-V3)"),
+    ]
+
+
+def measure_routing(run_dir, arm, budget, seed):
+    """The Shazeer study's numbers, the share of tokens dropped or left without an
+    expert on the test images (in the report's evaluation batches), and the wall time
+    per training step (report.json's training time over the steps; the runs share a
+    machine, so `examples/routing.py` also times the arms side by side)."""
+    import math
+
+    import numpy as np
+
+    from keras_moe.layers import MoEDense
+
+    metrics = measure_shazeer(run_dir, arm, budget, seed)
+    report = json.loads((run_dir / "report.json").read_text())
+    model = _load_model(run_dir)
+    layers = [layer for layer in model.layers if isinstance(layer, MoEDense)]
+    for layer in layers:
+        layer.reset_drop_counters()
+    features, labels = _numpy_split("fashion_mnist", "test", seed, "auto", budget["test_size"])
+    # The batches the run's report evaluated (max(batch size, 256)): expert choice
+    # chooses within a batch, so its outputs depend on the batch.
+    logits = model.predict(features["image"], batch_size=256, verbose=0)
+    _check_accuracy(float(np.mean(np.argmax(logits, -1) == labels)), report, run_dir.name)
+    metrics["dropped_fraction"] = max(layer.dropped_fraction for layer in layers)
+    steps = report["epochs"] * math.ceil(report["train_examples"] / 128)
+    metrics["ms_per_step"] = 1000.0 * report["training_seconds"] / steps
+    return metrics
+
+
+def routing_study():
+    metrics = [
+        Metric("test_accuracy", "test accuracy"),
+        Metric("load_cv", "CV of load", 3),
+        Metric("importance_cv", "CV of importance", 3),
+        Metric("min_share", "least-used expert's share", 4),
+        Metric("max_share", "busiest expert's share", 3),
+        Metric("dropped_fraction", "tokens dropped or without an expert", 4),
+        Metric("ms_per_step", "wall ms per training step (shared machine)", 1),
+    ]
+    comparisons = [
+        Comparison(f"{arm} - importance_load", arm, "importance_load", metric, decimals=d)
+        for arm in ("aux_free", "sigmoid_aux_free_shared", "switch_z", "expert_choice")
+        for metric, d in (("test_accuracy", 4), ("load_cv", 3))
+    ]
+    return Study(
+        "routing", "Routing since 2017 on Shazeer's classifier: the balancing ways",
+        "zoo/sparse_moe_classifier.md", routing_arms(), ROUTING_BUDGETS, measure_routing,
+        metrics, comparisons,
+        notes=f"{ROUTING_EXPERTS} experts, top-{ROUTING_TOP_K} (expert choice: capacity "
+              "factor 2, the same mean experts per image). CVs and shares: report.json, on "
+              "the first 1,024 test images; share = fraction of the assignments.")
+
+
 ARGS_FOR_BUDGET = {"deepmoe": _deepmoe_args, "two_domain": _two_domain_args,
-                   "eigen": _eigen_args, "shazeer": _shazeer_args}
+                   "eigen": _eigen_args, "shazeer": _shazeer_args, "routing": _routing_args}
 STUDIES = {"deepmoe": deepmoe_study, "two_domain": two_domain_study, "eigen": eigen_study,
-           "shazeer": shazeer_study}
+           "shazeer": shazeer_study, "routing": routing_study}
 
 
 def get_study(paper):

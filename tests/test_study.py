@@ -169,3 +169,25 @@ def test_update_card_replaces_only_the_text_between_the_markers(tmp_path):
     card.write_text("# Card without markers\n")
     with pytest.raises(ValueError, match="no lines"):
         study.update_card(shazeer, "table", card)
+
+
+@pytest.mark.slow
+def test_the_routing_study_counts_unrouted_images_and_times_every_arm(tmp_path):
+    """`examples/routing.py`'s study at its tiny budget for two arms: expert choice
+    leaves some test images without an expert (counted), top-k drops none; then one
+    timed step of every arm's model, side by side."""
+    results = tmp_path / "routing.jsonl"
+    _run("routing", "--budget", "tiny", "--arms", "expert_choice,importance_load",
+         "--results", results, "--runs-dir", tmp_path / "runs")
+    rows = {row["arm"]: row["metrics"] for row in _rows(results)}
+    assert set(rows) == {"expert_choice", "importance_load"}
+    assert 0.0 < rows["expert_choice"]["dropped_fraction"] < 0.5
+    assert rows["expert_choice"]["load_cv"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["importance_load"]["dropped_fraction"] == 0.0
+    assert all(row["ms_per_step"] > 0 for row in rows.values())
+    spec = importlib.util.spec_from_file_location("routing", REPO / "examples" / "routing.py")
+    routing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(routing)
+    medians = routing.time_arms(reps=1)
+    assert list(medians) == [arm.name for arm in study.routing_arms()]
+    assert all(seconds > 0 for seconds in medians.values())

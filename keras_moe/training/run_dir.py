@@ -229,6 +229,18 @@ class HistoryWriter(keras.callbacks.Callback):
         super().__init__()
         self.path, self.phase = path, phase
 
+    def on_train_begin(self, logs=None):
+        # A kill mid-append leaves a torn last line: cut it off before appending, or the
+        # next row would be glued to it and lost to `read_history` with it.
+        path = pathlib.Path(self.path)
+        if path.exists():
+            text = path.read_bytes()
+            if text and not text.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(text.rfind(b"\n") + 1)
+                    f.flush()
+                    os.fsync(f.fileno())
+
     def on_epoch_end(self, epoch, logs=None):
         row = {"phase": self.phase, "epoch": int(epoch)}
         row.update({k: float(v) for k, v in (logs or {}).items()})

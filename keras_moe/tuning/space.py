@@ -21,8 +21,8 @@ __all__ = ["RULES", "SearchParam", "SearchSpace", "TuningError", "build_search_s
 _SEARCHABLE_SECTIONS = ("model", "losses", "optimizer", "schedule", "phases")
 _BUILDER_SECTIONS = ("model", "losses")
 # Keywords that are loss coefficients go to [losses] when the recipe does not set them.
-_LOSS_KEYWORDS = ("importance_weight", "load_weight", "tsne_weight", "alpha", "beta",
-                  "gate_l1", "embedding_loss_weight")
+_LOSS_KEYWORDS = ("importance_weight", "load_weight", "switch_weight", "z_loss_weight",
+                  "tsne_weight", "alpha", "beta", "gate_l1", "embedding_loss_weight")
 _TOP_K_CHOICES = (1, 2, 4)
 
 

@@ -1,7 +1,9 @@
 """Shazeer et al.'s sparsely-gated mixture of experts as an image classifier.
 
 Builder: `sparse_moe_classifier(...)`, an MLP whose hidden layers are noisy top-k
-`MoEDense` layers with importance and load balancing losses.
+`MoEDense` layers with importance and load balancing losses, or, with its routing
+keywords, any router of `MoEDense` (sigmoid top-k, auxiliary-loss-free balancing,
+expert choice, shared experts, group-limited routing) with any balancing losses.
 """
 
 import keras
@@ -34,6 +36,14 @@ def sparse_moe_classifier(
     dropout=0.2,
     dispatch=None,
     rescale=None,
+    gate="noisy_top_k",
+    switch_weight=0.0,
+    z_loss_weight=0.0,
+    bias_update_rate=None,
+    num_shared_experts=0,
+    num_groups=None,
+    top_k_groups=None,
+    capacity_factor=None,
 ):
     """Classifier with noisy top-k MoEDense hidden layers and importance + load losses.
 
@@ -43,6 +53,15 @@ def sparse_moe_classifier(
     k, only the chosen experts computed (sparse dispatch on TensorFlow), and the losses
     `importance_weight * CV(Importance)^2 + load_weight * CV(Load)^2` per layer (0.1
     each in the paper's experiments).
+
+    The routing keywords swap the router for one of current MoE models (the defaults
+    are Shazeer's): `gate` (`"noisy_top_k"`, `"softmax"` top-k, `"sigmoid_top_k"`,
+    `"expert_choice"`), the Switch and z-loss terms, `bias_update_rate`
+    (auxiliary-loss-free balancing), `num_shared_experts`, `num_groups` and
+    `top_k_groups`; `LoadLoss` needs the noisy gate, so set `load_weight=0` with the
+    others. With `gate="expert_choice"` the experts choose their tokens and `top_k`
+    sets the compute: each token gets `capacity_factor` experts on average, `top_k` by
+    default (Zhou et al. compare expert choice at capacity factor 2 with top-2).
 
     Shazeer et al. report language modelling and translation, not image
     classification: the defaults for Fashion-MNIST-size inputs are our choice. Experts
@@ -67,6 +86,16 @@ def sparse_moe_classifier(
         dropout: Dropout rate after each MoE layer, in [0, 1).
         dispatch: `MoEDense` dispatch mode (None: sparse on TensorFlow).
         rescale: None, or a factor applied to the inputs first (e.g. 1/255 for uint8).
+        gate: The router: a `MoEDense` gate name (`"noisy_top_k"`, Shazeer's).
+        switch_weight: Coefficient of the Switch load-balancing loss, >= 0 (Fedus et
+            al.: 1e-2).
+        z_loss_weight: Coefficient of the router z-loss, >= 0 (Zoph et al.: 1e-3).
+        bias_update_rate: None, or auxiliary-loss-free balancing's rate (top-k gates).
+        num_shared_experts: Experts every example passes through, >= 0.
+        num_groups: None, or the expert groups of group-limited routing.
+        top_k_groups: The groups each example keeps (with `num_groups`).
+        capacity_factor: None (the layer's default, 1.25, for capacity dispatch; `top_k`
+            for expert choice), or `MoEDense`'s capacity factor.
 
     Returns:
         A `keras.Model` (not compiled) with one input named `"image"`, outputting
@@ -87,6 +116,8 @@ def sparse_moe_classifier(
     dropout = validation.number("dropout", dropout, minimum=0, maximum=0.999)
     importance_weight = validation.non_negative_float("importance_weight", importance_weight)
     load_weight = validation.non_negative_float("load_weight", load_weight)
+    switch_weight = validation.non_negative_float("switch_weight", switch_weight)
+    z_loss_weight = validation.non_negative_float("z_loss_weight", z_loss_weight)
     if rescale is not None:
         rescale = validation.positive_float("rescale", rescale)
 
@@ -95,6 +126,21 @@ def sparse_moe_classifier(
         losses.append(regularizers.ImportanceLoss(importance_weight))
     if load_weight > 0:
         losses.append(regularizers.LoadLoss(load_weight))
+    if switch_weight > 0:
+        losses.append(regularizers.SwitchLoadBalanceLoss(switch_weight))
+    if z_loss_weight > 0:
+        losses.append(regularizers.RouterZLoss(z_loss_weight))
+    routing = dict(gate=gate, num_shared_experts=num_shared_experts,
+                   bias_update_rate=bias_update_rate, num_groups=num_groups,
+                   top_k_groups=top_k_groups)
+    if gate == "expert_choice":
+        if top_k is None and capacity_factor is None:
+            raise ValueError("gate='expert_choice' needs `capacity_factor` (mean experts "
+                             "per example) or `top_k` (the same, from a top-k budget).")
+        routing["capacity_factor"] = float(top_k if capacity_factor is None else capacity_factor)
+        top_k = None
+    elif capacity_factor is not None:
+        routing["capacity_factor"] = capacity_factor
 
     inputs = keras.Input(tuple(input_shape), name="image")
     x = keras.layers.Flatten()(inputs)
@@ -105,12 +151,12 @@ def sparse_moe_classifier(
             units,
             num_experts=num_experts,
             top_k=top_k,
-            gate="noisy_top_k",
             expert_hidden_units=expert_hidden_units,
             activation="relu",
             dispatch=dispatch,
             balance_loss=losses or None,
             name=f"moe_{i}",
+            **routing,
         )(x)
         if dropout > 0:
             x = keras.layers.Dropout(dropout)(x)

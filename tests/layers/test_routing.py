@@ -449,3 +449,26 @@ def test_the_bias_over_two_replicas_moves_as_on_one_device(mirrored_strategy):
     two = train(mirrored_strategy)
     assert np.abs(one).sum() > 0
     np.testing.assert_allclose(two, one, atol=1e-7)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="serving a SavedModel needs TensorFlow")
+@pytest.mark.parametrize("kwargs", [
+    dict(gate="sigmoid_top_k", top_k=2, bias_update_rate=0.01, num_groups=2, top_k_groups=1,
+         num_shared_experts=1),
+    dict(gate="expert_choice", capacity_factor=1.5, num_shared_experts=1),
+])
+def test_saved_model_serves_the_new_routers(tmp_path, kwargs):
+    import tensorflow as tf
+
+    inputs = keras.Input((6,))
+    layer = MoEDense(8, num_experts=4, activation="relu", **kwargs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
+    rng = np.random.default_rng(15)
+    _set_weights(model, rng, 0.5)
+    if kwargs.get("bias_update_rate"):
+        layer.gate.expert_bias.assign(rng.normal(0, 0.3, 4).astype("float32"))
+    x = rng.normal(size=(11, 6)).astype("float32")
+    model.export(str(tmp_path / "exported"))
+    reloaded = tf.saved_model.load(str(tmp_path / "exported"))
+    np.testing.assert_allclose(to_numpy(reloaded.serve(x)), model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)

@@ -72,6 +72,19 @@ def test_a_torn_history_line_is_skipped_and_a_re_run_epoch_keeps_its_last_row(tm
     assert run_dir.read_history(tmp_path) == [rows[0], rows[2]]
 
 
+def test_a_resumed_history_cuts_the_torn_line_before_appending(tmp_path):
+    """The row written after a kill mid-append must start on a line of its own (glued
+    to the torn one, it was lost: a resumed run's history missed that epoch)."""
+    path = tmp_path / "history.jsonl"
+    path.write_text(json.dumps({"phase": "a", "epoch": 0, "loss": 1.0}) + "\n"
+                    + '{"phase": "a", "epo')
+    writer = run_dir.HistoryWriter(path, "a")
+    writer.on_train_begin()
+    writer.on_epoch_end(1, {"loss": 0.5})
+    assert [row["epoch"] for row in run_dir.read_history(tmp_path)] == [0, 1]
+    assert path.read_text().count("\n") == 2
+
+
 def test_run_settings_are_written_with_the_run_and_read_back(tmp_path):
     from keras_moe.recipes import load_recipe
 

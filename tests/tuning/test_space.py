@@ -73,3 +73,32 @@ def test_unknown_and_unsearchable_keys_are_rejected_by_name(recipe):
     with pytest.raises(RecipeError, match="given 2 times"):
         tuning.build_search_space(recipe, ["model.top_k=1", "model.top_k=2"])
 
+
+
+def test_the_routers_of_current_moe_models_are_searchable(recipe):
+    """Routing keywords of the classifier: a gate by name, the bias rate on a log range,
+    the Switch and z-loss coefficients in [losses]; every sampled recipe builds."""
+    from keras_moe import zoo
+
+    space = tuning.build_search_space(recipe, [
+        "model.gate=noisy_top_k,sigmoid_top_k,softmax", "model.bias_update_rate=1e-4:1e-2",
+        "losses.switch_weight=0.001,0.01", "losses.z_loss_weight=0.0,0.001",
+        "model.num_shared_experts=0,1", "losses.load_weight=0.0"])
+    hp = keras_tuner.HyperParameters()
+    space.declare(hp)
+    declared = {h.name: h for h in hp.space}
+    assert list(declared["model.gate"].values) == ["noisy_top_k", "sigmoid_top_k", "softmax"]
+    assert declared["model.bias_update_rate"].sampling == "log"
+    assert "losses.switch_weight" in declared and "losses.z_loss_weight" in declared
+    for gate in ("sigmoid_top_k", "softmax"):
+        values = {"model.gate": gate, "model.bias_update_rate": 0.001,
+                  "losses.switch_weight": 0.01, "losses.z_loss_weight": 0.001,
+                  "model.num_shared_experts": 1, "losses.load_weight": 0.0}
+        tuned = space.apply(values)
+        model = zoo.get_model(tuned.model.name, **tuned.model.builder_kwargs())
+        layer = model.get_layer("moe_0")
+        assert (layer.gate.__class__.__name__, layer.bias_update_rate,
+                layer.num_shared_experts) == (
+            {"sigmoid_top_k": "SigmoidTopKGate", "softmax": "SoftmaxGate"}[gate], 0.001, 1)
+        assert sorted(type(r).__name__ for r in layer.balance_loss) == [
+            "ImportanceLoss", "RouterZLoss", "SwitchLoadBalanceLoss"]
