@@ -28,6 +28,14 @@ Names:
   `tests/_workers/two_domain_training.py`); two workers then train exactly like one
   device on the global batch (`tests/test_multi_worker.py`,
   `tests/test_multi_worker_cli.py`).
+- `"expert_parallel"` (JAX): not a `tf.distribute` strategy but Keras's distribution
+  API: `expert_parallel(data=D, expert=X)` (see `keras_moe.expert_parallel`, re-exported
+  here) splits every MoE layer's experts over the `expert` axis of a `D x X` device mesh
+  and the batch over all devices; `get_strategy("expert_parallel", mesh="2x4")` returns
+  it (`mesh=None`: one data row, every device on the expert axis). Like a strategy, it
+  has a `scope()` to build and train the model in. MoE layers then use capacity
+  dispatch and every batch must be full and divisible by the devices
+  (`keras-moe train --strategy expert_parallel --mesh 2x4` sees to both).
 - `"tpu"`: `tf.distribute.TPUStrategy` on the TPU found by
   `TPUClusterResolver(tpu=...)`. TPUs compile with XLA and need static shapes: build
   MoE layers with `MoEDense(..., dispatch="capacity")` (fixed expert capacity; overflow
@@ -35,12 +43,31 @@ Names:
   data-dependent shapes. Batches must have a fixed size (`drop_remainder=True`).
 """
 
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+import re
 
-__all__ = ["STRATEGIES", "get_strategy"]
+from keras_moe.expert_parallel import expert_parallel
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu", "expert_parallel")
+
+__all__ = ["STRATEGIES", "expert_parallel", "get_strategy", "parse_mesh"]
 
 
-def get_strategy(name="default", *, devices=None, tpu=None):
+def parse_mesh(mesh):
+    """`"DATAxEXPERT"` (e.g. `"2x4"`) -> `(data, expert)`; None -> `(1, None)`.
+
+    Raises:
+        ValueError: naming `mesh` and the form it takes.
+    """
+    if mesh is None:
+        return 1, None
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(mesh))
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ValueError(f"mesh must be DATAxEXPERT with two positive integers (e.g. "
+                         f"'2x4'); got {mesh!r}.")
+    return int(match.group(1)), int(match.group(2))
+
+
+def get_strategy(name="default", *, devices=None, tpu=None, mesh=None):
     """Returns the `tf.distribute` strategy called `name`.
 
     Args:
@@ -49,9 +76,11 @@ def get_strategy(name="default", *, devices=None, tpu=None):
             GPUs, or the CPU without one).
         tpu: For `"tpu"` only: the TPU's name or address (None: the TPU VM's own TPU,
             or the one `TPU_NAME` names).
+        mesh: For `"expert_parallel"` only: `"DATAxEXPERT"` (see `parse_mesh`).
 
     Returns:
-        A `tf.distribute.Strategy`.
+        A `tf.distribute.Strategy` (for `"expert_parallel"`: a
+        `keras_moe.expert_parallel.ExpertParallel` distribution).
 
     Raises:
         ValueError: `name` is not one of the names above (the message lists them), or
@@ -68,8 +97,6 @@ def get_strategy(name="default", *, devices=None, tpu=None):
     ...     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
     >>> model.fit(dataset)  # each batch is split across the replicas
     """
-    import tensorflow as tf
-
     if name not in STRATEGIES:
         raise ValueError(
             f"unknown strategy {name!r}; expected one of {', '.join(map(repr, STRATEGIES))}."
@@ -78,6 +105,13 @@ def get_strategy(name="default", *, devices=None, tpu=None):
         raise ValueError(f"devices= is only for the 'mirrored' strategy, not {name!r}.")
     if tpu is not None and name != "tpu":
         raise ValueError(f"tpu= is only for the 'tpu' strategy, not {name!r}.")
+    if mesh is not None and name != "expert_parallel":
+        raise ValueError(f"mesh= is only for 'expert_parallel', not {name!r}.")
+    if name == "expert_parallel":
+        data, expert = parse_mesh(mesh)
+        return expert_parallel(data=data, expert=expert)
+    import tensorflow as tf
+
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":

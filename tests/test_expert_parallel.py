@@ -200,6 +200,73 @@ def test_token_groups_route_each_group_on_its_own():
 
 
 @pytest.mark.skipif(BACKEND == "jax", reason="the refusal on other backends")
-def test_expert_parallel_needs_jax():
+def test_expert_parallel_needs_jax(tmp_path, capsys):
+    from conftest import TINY_SPARSE_RECIPE, write_recipe
+    from keras_moe import cli
+
     with pytest.raises(ValueError, match="needs the JAX backend.*expert_devices"):
         expert_parallel.expert_parallel(data=1, expert=2)
+    assert cli.main(["train", write_recipe(tmp_path, TINY_SPARSE_RECIPE), "--strategy",
+                     "expert_parallel", "--out", str(tmp_path / "run")]) == 2
+    assert "--strategy expert_parallel: expert_parallel needs the JAX backend" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# Through the command line -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@requires_jax
+def test_train_command_splits_the_experts_over_the_mesh(tmp_path, capsys):
+    """`keras-moe train --strategy expert_parallel --mesh 2x4`: the model is built and
+    trained under the distribution (every expert weight split 4 ways, capacity dispatch
+    with one token group per device), the run directory records the mesh, and a resume
+    that names another mesh is refused."""
+    from conftest import TINY_SPARSE_RECIPE, write_recipe
+    from keras_moe import cli
+    from keras_moe.training import run_dir, runner
+    from keras_moe.distribute import get_strategy
+
+    recipe_path = write_recipe(tmp_path, TINY_SPARSE_RECIPE)
+    from keras_moe import recipes
+
+    recipe = recipes.load_recipe(recipe_path).override(["phases.0.epochs=1"])
+    distribution = get_strategy("expert_parallel", mesh="2x4")
+    result = runner.train_recipe(recipe, tmp_path / "direct", strategy=distribution,
+                                 verbose=0)
+    layer = result.model.get_layer("moe_0")
+    assert layer.dispatch == "capacity"
+    shards = layer.kernel.value.addressable_shards
+    assert len(shards) == 8 and {s.data.shape[0] for s in shards} == {1}  # 4 experts / 4
+    assert result.data.steps_per_epoch == 512 // 64
+
+    out = tmp_path / "run"
+    assert cli.main(["train", recipe_path, "--strategy", "expert_parallel", "--mesh", "2x4",
+                     "--epochs", "1", "--no-export", "--out", str(out), "--verbose", "0"]) == 0
+    settings = run_dir.read_settings(out)
+    assert (settings.strategy, settings.mesh) == ("expert_parallel", "2x4")
+    assert (out / "report.json").exists()
+    capsys.readouterr()
+    (out / "model.keras").unlink()  # as if killed before its end
+    assert cli.main(["train", "--out", str(out), "--resume", "--mesh", "1x8"]) == 2
+    assert "--mesh 1x8 (the run has mesh = '2x4')" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@requires_jax
+def test_train_command_refuses_meshes_it_cannot_run(tmp_path, capsys):
+    from conftest import TINY_SPARSE_RECIPE, write_recipe
+    from keras_moe import cli
+
+    recipe_path = write_recipe(tmp_path, TINY_SPARSE_RECIPE)
+    cases = [
+        (["--strategy", "expert_parallel", "--mesh", "2by4"], "--mesh 2by4: mesh must be"),
+        (["--strategy", "expert_parallel", "--mesh", "4x4"], "needs 16 devices"),
+        (["--strategy", "default", "--mesh", "2x4"], "only for --strategy expert_parallel"),
+        (["--strategy", "expert_parallel", "--batch-size", "60"],
+         "batch size 60 must be a multiple of 8; pass --batch-size 56"),
+    ]
+    for flags, message in cases:
+        assert cli.main(["train", recipe_path, "--out", str(tmp_path / "x"), *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags

@@ -196,8 +196,8 @@ def test_list_shows_recipes_with_their_descriptions(capsys):
 
 def test_tpu_runs_use_capacity_dispatch_where_the_model_has_it():
     default = recipes.load_recipe(cli.DEFAULT_RECIPE)
-    assert runner.for_tpu(default).model.args["dispatch"] == "capacity"
+    assert runner.for_static_shapes(default).model.args["dispatch"] == "capacity"
     explicit = default.override(['model.dispatch="dense"'])
-    assert runner.for_tpu(explicit).model.args["dispatch"] == "dense"
+    assert runner.for_static_shapes(explicit).model.args["dispatch"] == "dense"
     deep = recipes.load_recipe("deepmoe_resnet56_cifar10")
-    assert runner.for_tpu(deep).to_dict() == deep.to_dict()  # no MoEDense: unchanged
+    assert runner.for_static_shapes(deep).to_dict() == deep.to_dict()  # no MoEDense: unchanged

@@ -64,9 +64,15 @@ def build_parser():
                     "--resume, the run continues exactly as it was started (its "
                     "recipe.toml and run.json); a flag that contradicts them is refused.")
     add_recipe_flags(train)
-    strategies = ["default", "mirrored", "multi_worker", "tpu"]
-    train.add_argument("--strategy", default=None, choices=strategies,
-                       help=f"tf.distribute strategy (default {RunSettings.strategy})")
+    from keras_moe.distribute import STRATEGIES
+
+    train.add_argument("--strategy", default=None, choices=STRATEGIES,
+                       help=f"tf.distribute strategy, or expert_parallel: experts over "
+                            f"devices with Keras's distribution API on JAX (default "
+                            f"{RunSettings.strategy})")
+    train.add_argument("--mesh", default=None, metavar="DATAxEXPERT",
+                       help="--strategy expert_parallel's device mesh, e.g. 2x4 (default: "
+                            "every device on the expert axis)")
     train.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the unfinished run in --out from its last backup")

@@ -109,16 +109,21 @@ def resolve_recipe(target, args):
     return recipe.override(overrides) if overrides else recipe
 
 
-def strategy_named(name):
-    """`get_strategy(name)`, its errors (unknown name, malformed `TF_CONFIG`, no TPU) as
-    usage errors. `"multi_worker"` trains with `fit_distributed` (see
+def strategy_named(name, mesh=None):
+    """`get_strategy(name, mesh=...)`, its errors (unknown name, malformed `TF_CONFIG`, no
+    TPU, a mesh the devices cannot hold, JAX's distribution on another backend) as usage
+    errors. `"multi_worker"` trains with `fit_distributed` (see
     `keras_moe.training.runner`), and must be created before any other TensorFlow op."""
     from keras_moe.distribute import get_strategy
 
+    if mesh is not None and name != "expert_parallel":
+        raise UsageError(f"--mesh {mesh}: only for --strategy expert_parallel (got "
+                         f"--strategy {name})")
     try:
-        return get_strategy(name)
+        return get_strategy(name, mesh=mesh)
     except (ValueError, RuntimeError) as error:
-        raise UsageError(f"--strategy {name}: {error}") from error
+        flag = f"--strategy {name}" + (f" --mesh {mesh}" if mesh else "")
+        raise UsageError(f"{flag}: {error}") from error
 
 
 def add_recipe_flags(parser, epochs=True, target_default=DEFAULT_RECIPE):

@@ -25,6 +25,8 @@ def _given_settings(args):
         given["data_dir"] = (args.data_dir, f"--data-dir {args.data_dir}")
     if args.strategy is not None:
         given["strategy"] = (args.strategy, f"--strategy {args.strategy}")
+    if args.mesh is not None:
+        given["mesh"] = (args.mesh, f"--mesh {args.mesh}")
     if args.no_export:
         given["export"] = (False, "--no-export")
     if args.gates:
@@ -96,10 +98,17 @@ def train(args):
     else:
         recipe, settings = None, _new_run_settings(args)
     # First: MultiWorkerMirroredStrategy must be created before any other TensorFlow op.
-    strategy = strategy_named(settings.strategy)
+    strategy = strategy_named(settings.strategy, settings.mesh)
     if recipe is None:
         recipe = resolve_recipe(args.target, args)
     out = pathlib.Path(args.out) if args.out else run_dir_lib.default_run_dir(recipe)
+    from keras_moe.expert_parallel import ExpertParallel
+
+    if isinstance(strategy, ExpertParallel):
+        try:
+            runner.check_batch_fits_mesh(recipe, strategy)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     if settings.deterministic:
         import tensorflow as tf
 

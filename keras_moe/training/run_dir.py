@@ -124,7 +124,8 @@ class RunSettings:
         seed: Seed of weights, data order, augmentation and gate noise.
         deterministic: TensorFlow op determinism (bit-identical resumes).
         data_dir: The data folder the run read (None: the default search).
-        strategy: The `tf.distribute` strategy name.
+        strategy: The `tf.distribute` strategy name (or `"expert_parallel"`).
+        mesh: `--strategy expert_parallel`'s mesh, `"DATAxEXPERT"` (None: the default).
         export: Whether the run exports a SavedModel when it finishes.
         gates: Whether the SavedModel also returns the gates.
         classify: Test images classified with the SavedModel in a fresh process.
@@ -134,6 +135,7 @@ class RunSettings:
     deterministic: bool = False
     data_dir: str = None
     strategy: str = "default"
+    mesh: str = None
     export: bool = True
     gates: bool = False
     classify: int = 8

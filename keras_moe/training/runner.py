@@ -45,13 +45,14 @@ import time
 
 import keras
 
+from keras_moe import expert_parallel
 from keras_moe import recipes as _recipes
 from keras_moe.recipes import RecipeError
 from keras_moe.training import run_dir as _run_dir
 from keras_moe.training.datasets import RecipeData, build_datasets
 from keras_moe.training.phases import check_phase_settings, run_phases
 
-__all__ = ["TrainResult", "build_model", "compile_model", "for_tpu", "is_chief",
+__all__ = ["TrainResult", "build_model", "compile_model", "check_batch_fits_mesh", "for_static_shapes", "is_chief",
            "load_run_model", "make_optimizer", "train_recipe"]
 
 
@@ -99,10 +100,12 @@ def build_model(recipe, data=None):
     return model
 
 
-def for_tpu(recipe):
-    """`recipe` made fit for `TPUStrategy`: XLA needs static shapes, so MoE layers use
-    capacity dispatch (`dispatch = "capacity"` for builders that take `dispatch` and do
-    not set it) and every batch is full (`build_datasets(..., drop_remainder=True)`)."""
+def for_static_shapes(recipe):
+    """`recipe` made fit for `TPUStrategy` and `expert_parallel`: XLA needs static shapes
+    and the SPMD partitioner splits only capacity dispatch, so MoE layers use capacity
+    dispatch (`dispatch = "capacity"` for builders that take `dispatch` and do not set
+    it); the runner also makes every batch full (`build_datasets(...,
+    drop_remainder=True)`)."""
     from keras_moe import zoo
 
     builder = zoo.get_builder(recipe.model.name)
@@ -110,6 +113,17 @@ def for_tpu(recipe):
             "dispatch") is None:
         recipe = recipe.override(['model.dispatch="capacity"'])
     return recipe
+
+
+def check_batch_fits_mesh(recipe, distribution):
+    """Every device of an expert-parallel mesh gets an equal share of each batch (and
+    routes it on its own): the batch size must divide by the devices."""
+    devices = distribution.num_devices
+    if recipe.data.batch_size % devices:
+        raise ValueError(
+            f"--strategy expert_parallel over {devices} devices ({distribution}): the batch "
+            f"size {recipe.data.batch_size} must be a multiple of {devices}; pass "
+            f"--batch-size {max(devices, recipe.data.batch_size // devices * devices)}.")
 
 
 def make_optimizer(recipe, steps_per_epoch):
@@ -283,10 +297,13 @@ def _train_recipe(recipe, run_dir, *, strategy, resume, data_dir, seed, verbose,
     _remove_partials(run_dir)
     keras.utils.set_random_seed(seed)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
-    if on_tpu:
-        recipe = for_tpu(recipe)
-    data = build_datasets(recipe, data_dir=data_dir, seed=seed, drop_remainder=on_tpu)
+    static = (isinstance(strategy, tf.distribute.TPUStrategy)
+              or isinstance(strategy, expert_parallel.ExpertParallel))
+    if static:
+        recipe = for_static_shapes(recipe)
+    if isinstance(strategy, expert_parallel.ExpertParallel):
+        check_batch_fits_mesh(recipe, strategy)
+    data = build_datasets(recipe, data_dir=data_dir, seed=seed, drop_remainder=static)
     family = zoo.get_family(recipe.model.name)
 
     with strategy.scope():
