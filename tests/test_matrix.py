@@ -19,6 +19,10 @@ documented offline stand-ins. Then:
   "class k"),
 - `bench` its training and serving speed,
 - `tune` it: two keras-tuner trials.
+
+On JAX (the JAX pass), the recipes of each family (the default, Eigen's, DeepMoE's, the
+t-SNE and two-domain ones) go through `train`, `evaluate`, `export` (Keras's export
+converts the JAX functions for TensorFlow) and `predict` (served by TensorFlow alone).
 """
 
 import json
@@ -30,6 +34,7 @@ import pytest
 
 from keras_moe import cli, recipes
 from keras_moe.data import write_cifar_batch
+from testing_utils import BACKEND
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +99,7 @@ def _run(argv, capfd):
     return captured.out
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the JAX pass runs its own subset below")
 @pytest.mark.parametrize("name", sorted(NARROW))
 def test_recipe_through_every_command(name, tmp_path, cifar_dir, capfd):
     recipe = recipes.load_recipe(name)
@@ -140,3 +146,32 @@ def test_recipe_through_every_command(name, tmp_path, cifar_dir, capfd):
                     "--verbose", "0"], capfd)
     assert "2 trial(s)" in printed and printed.count("COMPLETED") == 2
     assert recipes.load_recipe(tuned / "best_recipe.toml").name == f"{name}_tuned"
+
+
+JAX_RECIPES = ["sparse_moe_fashion_mnist", "eigen_dmoe_jittered_mnist",
+               "deepmoe_resnet8_fashion_mnist", "tsne_moe_fashion_mnist",
+               "two_domain_moe_conv_gate"]
+
+
+@pytest.mark.multi_backend
+@pytest.mark.skipif(BACKEND != "jax", reason="the TensorFlow pass runs the whole matrix")
+@pytest.mark.parametrize("name", JAX_RECIPES)
+def test_recipe_commands_on_jax(name, tmp_path, capfd):
+    """Each family's recipe on JAX: its phases (Eigen's constraint switch and running
+    totals, DeepMoE's frozen fine-tuning with the optimizer's state carried over, the
+    t-SNE map), a report, a SavedModel from JAX served by TensorFlow alone."""
+    recipe = recipes.load_recipe(name)
+    sets = [arg for key in NARROW[name] for arg in ("--set", key)]
+    sets += [arg for i in range(len(recipe.phases)) for arg in ("--set", f"phases.{i}.epochs=1")]
+    run = tmp_path / "run"
+    _run(["train", name, *SIZES, *sets, "--out", str(run), "--classify", "3",
+          "--verbose", "0"], capfd)
+    report = json.loads((run / "report.json").read_text())
+    assert report["recipe"] == name and report["epochs"] == len(recipe.phases)
+    if recipe.model.name.startswith("deepmoe_"):
+        assert report["deepmoe"]["gate_l1"] == 0.0  # the fine-tuning phase ran
+    printed = _run(["evaluate", str(run)], capfd)
+    assert f"test: accuracy {report['test']['accuracy']:.4f}" in printed
+    printed = _run(["predict", str(run / "saved_model"), "--count", "3"], capfd)
+    assert len([line for line in printed.splitlines() if line.startswith("image ")]) == 3
+    assert "served by TensorFlow alone" in printed

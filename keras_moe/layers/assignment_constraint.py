@@ -32,7 +32,7 @@ class AssignmentConstraint:
 
     def reset_assignment_totals(self):
         """Sets every running assignment total back to zero."""
-        self.assignment_totals.assign(ops.zeros_like(self.assignment_totals))
+        self.assignment_totals.assign(ops.zeros(self.assignment_totals.shape, "float32"))
 
     def _constrain_assignments(self, gates):
         margin = self.assignment_margin

@@ -10,9 +10,11 @@ What a phase's settings do comes from the model's family
 (`keras_moe.zoo.ModelFamily.phase_settings`): `apply_phase` looks each setting up there,
 refuses one the family does not know (naming the families that do), applies it, and
 collects the callbacks it asks for (DeepMoE's density controller). A change of
-trainability recompiles the model with its own compile arguments and the same optimizer
-instance, so the optimizer's state and iteration count (the learning-rate schedule) carry
-on across phases.
+trainability recompiles the model with its own compile arguments and the optimizer's
+state carried over: its iteration count (the learning-rate schedule) and the slots of
+every variable that stays trainable, in an optimizer of the same configuration built for
+the new trainable set (JAX's stateless optimizer step needs the two to match; the
+update is the one the old optimizer would make on the remaining variables).
 
 Example:
 
@@ -31,17 +33,17 @@ from keras_moe import compat
 from keras_moe.recipes import PHASE_SETTINGS, RecipeError
 from keras_moe.zoo.registry import PhaseContext
 
-__all__ = ["PhaseHistory", "apply_phase", "check_phase_settings", "phase_spans", "recompile",
-           "run_phases", "setting_families"]
+__all__ = ["PhaseHistory", "apply_phase", "check_phase_settings", "optimizer_for_trainable",
+           "phase_spans", "recompile", "run_phases", "setting_families"]
 
 
 def recompile(model, optimizer=None):
-    """Compiles `model` again with its own compile arguments (and optimizer instance).
+    """Compiles `model` again with its own compile arguments (and optimizer state).
 
     Args:
         model: A compiled Keras model.
-        optimizer: None to keep `model.optimizer` (the same instance, with its state and
-            iteration count), or another optimizer.
+        optimizer: None to carry `model.optimizer`'s state over (see
+            `optimizer_for_trainable`), or another optimizer.
 
     Returns:
         The model.
@@ -49,9 +51,32 @@ def recompile(model, optimizer=None):
     arguments = compat.compile_arguments(model)
     if getattr(model, "optimizer", None) is None or arguments is None:
         raise ValueError("model must be compiled first")
-    arguments["optimizer"] = model.optimizer if optimizer is None else optimizer
+    arguments["optimizer"] = optimizer_for_trainable(model) if optimizer is None else optimizer
     model.compile(**arguments)
     return model
+
+
+def optimizer_for_trainable(model):
+    """`model.optimizer`'s state, in an optimizer built for the current trainable set.
+
+    An unbuilt optimizer is returned as it is (it builds on the first step). A built one
+    is copied from its configuration, built on `model.trainable_variables`, and given
+    every state variable of the old one that it has too (matched by path: the iteration
+    count, a variable learning rate, and each remaining variable's slots, whose names
+    Keras derives from that variable's path); the slots of variables no longer
+    trainable are dropped. TensorFlow's optimizer would also update a subset with its
+    old state, JAX's stateless one needs a state that matches the variables 1:1.
+    """
+    old = model.optimizer
+    if not old.built:
+        return old
+    new = type(old).from_config(old.get_config())
+    new.build(model.trainable_variables)
+    state = {v.path: v for v in old.variables}
+    for variable in new.variables:
+        if variable.path in state:
+            variable.assign(state[variable.path])
+    return new
 
 
 def setting_families(key):
