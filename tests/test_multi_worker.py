@@ -53,9 +53,12 @@ def _assert_same_training(got, want, initial):
 
 def test_get_strategy_names_and_errors():
     assert get_strategy("default") is tf.distribute.get_strategy()
-    assert STRATEGIES == ("default", "mirrored", "multi_worker", "tpu")
-    with pytest.raises(ValueError, match="'default', 'mirrored', 'multi_worker', 'tpu'"):
+    assert STRATEGIES == ("default", "mirrored", "multi_worker", "tpu", "expert_parallel")
+    with pytest.raises(ValueError, match="'default', 'mirrored', 'multi_worker', 'tpu', "
+                                         "'expert_parallel'"):
         get_strategy("horovod")
+    with pytest.raises(ValueError, match="mesh= is only for 'expert_parallel'"):
+        get_strategy("default", mesh="2x4")
     with pytest.raises(ValueError, match="devices= is only for the 'mirrored'"):
         get_strategy("default", devices=LOGICAL_CPUS)
     mirrored = get_strategy("mirrored", devices=LOGICAL_CPUS[:2])

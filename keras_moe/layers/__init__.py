@@ -1,7 +1,8 @@
 """Keras layers of keras-moe: gates, mixture-of-experts layers and their dispatch.
 
-- `gates`: gating networks (`SoftmaxGate`, `NoisyTopKGate`, `SigmoidTopKGate`,
-  `ExpertChoiceGate`, `ReLUGate`) and the gate-output dict they return.
+- `gates`: gating networks (`SoftmaxGate`, `NoisyTopKGate`, `ReLUGate`) and the
+  gate-output dict they return; `routing_gates`: the gates of current MoE models
+  (`SigmoidTopKGate`, `ExpertChoiceGate`).
 - `routing`: the routing choices the gates share (biased top-k, group limits, expert
   choice).
 - `moe_dense`: `MoEDense`, a dense mixture of experts.
@@ -17,13 +18,8 @@
 from keras_moe.layers.expert_clusters import ExpertClusterDense, ExpertClusters, cluster_mask
 from keras_moe.layers.expert_mixture import ExpertMixture
 from keras_moe.layers.gated_conv import GatedConv2D, ShallowEmbedding
-from keras_moe.layers.gates import (
-    ExpertChoiceGate,
-    NoisyTopKGate,
-    ReLUGate,
-    SigmoidTopKGate,
-    SoftmaxGate,
-)
+from keras_moe.layers.gates import NoisyTopKGate, ReLUGate, SoftmaxGate
+from keras_moe.layers.routing_gates import ExpertChoiceGate, SigmoidTopKGate
 from keras_moe.layers.moe_dense import MoEDense
 from keras_moe.layers.sparse_connectivity import SparseDense
 from keras_moe.layers.tsne_gate import (

@@ -9,7 +9,8 @@ from keras_moe import validation
 from keras_moe.layers import dispatch as dispatch_lib
 from keras_moe.layers.assignment_constraint import AssignmentConstraint
 from keras_moe.layers.experts import StackedExperts, check_expert_devices
-from keras_moe.layers.gates import ExpertChoiceGate, NoisyTopKGate, SigmoidTopKGate, SoftmaxGate
+from keras_moe.layers.gates import NoisyTopKGate, SoftmaxGate
+from keras_moe.layers.routing_gates import ExpertChoiceGate, SigmoidTopKGate
 from keras_moe.layers.replica_losses import ReplicaLocalLossesMixin
 from keras_moe.regularizers.reduction import add_global
 
