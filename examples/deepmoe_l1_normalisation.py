@@ -32,14 +32,22 @@ from keras_moe.training import runner  # noqa: E402
 
 
 def set_l1_term(model, term):
-    """Sets the per-layer weights of `model`'s gate L1 term (see `DeepMoEModel`)."""
+    """Sets the per-layer weights of `model`'s gate L1 term (`DeepMoEObjective`, the last
+    layer of a `DeepMoEModel`, weighs layer l's mean gate by them)."""
     widths = [int(g.shape[-1]) for g in model.network.output["gates"]]
     if term == "channel":
         weights = [w / sum(widths) for w in widths]
     else:
         weights = [1 / len(widths)] * len(widths)
     # A private attribute on purpose: the model has one term; this experiment swaps it.
-    model._gate_layer_weights = weights
+    # It must exist: an earlier version set one that nothing read, and its runs trained
+    # the model's own term under this script's name.
+    objective = model.objective
+    if not isinstance(getattr(objective, "_layer_weights", None), list) or len(
+            objective._layer_weights) != len(weights):
+        raise RuntimeError("DeepMoEObjective no longer keeps its per-layer weights in "
+                           "`_layer_weights`: update this experiment")
+    objective._layer_weights = weights
     return model
 
 

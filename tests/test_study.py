@@ -193,3 +193,40 @@ def test_the_routing_study_counts_unrouted_images_and_times_every_arm(tmp_path):
     medians = routing.time_arms(reps=1)
     assert list(medians) == [arm.name for arm in study.routing_arms()]
     assert all(seconds > 0 for seconds in medians.values())
+
+
+def test_the_layer_mean_arm_really_swaps_deepmoes_l1_term():
+    """`examples/deepmoe_l1_normalisation.py --term layer_mean` (the DeepMoE study's
+    `wide_layer_mean` arm) must change the added gate loss: an earlier version set an
+    attribute nothing read, and its runs equalled the `wide` arm's to the last digit."""
+    import keras
+
+    from keras_moe import zoo
+
+    spec = importlib.util.spec_from_file_location(
+        "deepmoe_l1_normalisation", REPO / "examples" / "deepmoe_l1_normalisation.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    images = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 3)).astype("float32")
+    losses = {}
+    for term in ("channel", "layer_mean"):
+        keras.utils.set_random_seed(0)
+        model = zoo.deepmoe_resnet_cifar(depth=8, input_shape=(16, 16, 3), num_classes=3,
+                                         width_multiplier=0.5, embedding_widths=(4, 4, 4, 4),
+                                         gate_l1=1.0)
+        experiment.set_l1_term(model, term)
+        # Gates of unequal openness per layer (at the start every gate is about 1).
+        heads = [layer for layer in model.network.layers if type(layer).__name__ == "ReLUGate"]
+        for index, head in enumerate(heads):
+            head.kernel.assign(head.kernel * (0.2 + 0.3 * index))
+        gates = model.network(images, training=True)["gates"]  # batch norms as below
+        model(images, training=True)
+        gate_loss = float(keras.ops.convert_to_numpy(model.objective.losses[0]))
+        means = [float(np.mean(np.abs(keras.ops.convert_to_numpy(g)).sum(-1)))
+                 / g.shape[-1] for g in gates]
+        widths = [g.shape[-1] for g in gates]
+        expected = (np.dot(means, widths) / sum(widths) if term == "channel"
+                    else np.mean(means))
+        assert gate_loss == pytest.approx(expected, rel=1e-4), term
+        losses[term] = gate_loss
+    assert len(set(widths)) > 1 and abs(losses["channel"] - losses["layer_mean"]) > 1e-3
