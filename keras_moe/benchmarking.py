@@ -98,6 +98,28 @@ def _timed(function, repeats):
     return np.asarray(times)
 
 
+def _compiled_forward(model):
+    """`model`'s inference call compiled by the backend (tf.function or jax.jit), run to
+    completion each call (JAX dispatches asynchronously: the result is waited for)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        @jax.jit
+        def call(trainable, non_trainable, inputs):
+            return model.stateless_call(trainable, non_trainable, inputs, training=False)[0]
+
+        def forward(inputs):
+            return jax.block_until_ready(call([v.value for v in model.trainable_variables],
+                                              [v.value for v in model.non_trainable_variables],
+                                              inputs))
+        return forward
+    import tensorflow as tf
+
+    return tf.function(lambda inputs: model(inputs, training=False))
+
+
 def benchmark_recipe(recipe, *, batch_size=None, steps=20, repeats=50, data_dir=None,
                      seed=0):
     """Times training, inference and batch-1 serving of `recipe`'s model.
@@ -117,7 +139,6 @@ def benchmark_recipe(recipe, *, batch_size=None, steps=20, repeats=50, data_dir=
         ValueError: `steps`, `repeats` or `batch_size` below 1.
     """
     import keras
-    import tensorflow as tf
 
     from keras_moe import validation, zoo
     from keras_moe.analysis import flops
@@ -142,6 +163,9 @@ def benchmark_recipe(recipe, *, batch_size=None, steps=20, repeats=50, data_dir=
     model = runner.build_model(recipe, data)
     runner.compile_model(model, recipe, data.steps_per_epoch)
     x, y = next(iter(data.train_epochs(0, 1)))
+    if keras.backend.backend() != "tensorflow":
+        # tf.data yields TensorFlow tensors; other backends take numpy arrays.
+        x, y = keras.tree.map_structure(np.asarray, (x, y))
     timings = {}
 
     def timed_steps(index, phase, start, stop, callbacks):
@@ -155,10 +179,10 @@ def benchmark_recipe(recipe, *, batch_size=None, steps=20, repeats=50, data_dir=
                data=data)
     train = timings["train"]
 
-    forward = tf.function(lambda inputs: model(inputs, training=False))
+    forward = _compiled_forward(model)
     forward(x)
     infer = _timed(lambda: forward(x), max(3, steps // 2))
-    one = tf.nest.map_structure(lambda t: t[:1], x)
+    one = keras.tree.map_structure(lambda t: t[:1], x)
     forward(one)
     latency = _timed(lambda: forward(one), repeats)
     try:

@@ -165,6 +165,9 @@ def test_recipe_through_every_command(name, tmp_path, cifar_dir, capfd):
 
 JAX_RECIPES = ["sparse_moe_fashion_mnist", "eigen_dmoe_jittered_mnist",
                "deepmoe_resnet8_fashion_mnist", "tsne_moe_fashion_mnist"]
+# The tuner's trials run the recipe's phases as train does: the t-SNE recipe's need the
+# data (its map is fitted first), the classifier's are the plain case.
+JAX_TUNED = ["sparse_moe_fashion_mnist", "tsne_moe_fashion_mnist"]
 
 
 @pytest.mark.multi_backend
@@ -173,7 +176,8 @@ JAX_RECIPES = ["sparse_moe_fashion_mnist", "eigen_dmoe_jittered_mnist",
 def test_recipe_commands_on_jax(name, tmp_path, capfd):
     """Each family's recipe on JAX: its phases (Eigen's constraint switch and running
     totals, DeepMoE's frozen fine-tuning with the optimizer's state carried over, the
-    t-SNE map), a report, a SavedModel from JAX served by TensorFlow alone."""
+    t-SNE map), a report, a SavedModel from JAX served by TensorFlow alone, the benchmark
+    and (for two) the tuner."""
     recipe = recipes.load_recipe(name)
     sets = [arg for key in NARROW[name] for arg in ("--set", key)]
     sets += [arg for i in range(len(recipe.phases)) for arg in ("--set", f"phases.{i}.epochs=1")]
@@ -189,3 +193,11 @@ def test_recipe_commands_on_jax(name, tmp_path, capfd):
     printed = _run(["predict", str(run / "saved_model"), "--count", "3"], capfd)
     assert len([line for line in printed.splitlines() if line.startswith("image ")]) == 3
     assert "served by TensorFlow alone" in printed
+    printed = _run(["bench", name, *sets, "--batch-size", "16", "--steps", "1"], capfd)
+    assert "batch 16, 1 steps" in printed and "ms median" in printed
+    if name not in JAX_TUNED:
+        return
+    tuned = tmp_path / "tune"
+    printed = _run(["tune", name, *SIZES, *sets, "--max-trials", "2", "--trial-epochs", "1",
+                    "--validation", "32", "--out", str(tuned), "--verbose", "0"], capfd)
+    assert "2 trial(s)" in printed and printed.count("COMPLETED") == 2
