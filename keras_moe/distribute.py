@@ -85,7 +85,9 @@ def get_strategy(name="default", *, devices=None, tpu=None, mesh=None):
     Raises:
         ValueError: `name` is not one of the names above (the message lists them), or
             an argument is given to a strategy that does not take it, or `TF_CONFIG`
-            is malformed for `"multi_worker"`.
+            is malformed for `"multi_worker"`, or a `tf.distribute` strategy
+            (`"mirrored"`, `"multi_worker"`, `"tpu"`) is asked for on another backend
+            than TensorFlow.
         RuntimeError: `"tpu"` was asked for but no TPU can be reached (the message
             says why).
 
@@ -110,7 +112,18 @@ def get_strategy(name="default", *, devices=None, tpu=None, mesh=None):
     if name == "expert_parallel":
         data, expert = parse_mesh(mesh)
         return expert_parallel(data=data, expert=expert)
+    import keras
     import tensorflow as tf
+
+    backend = keras.backend.backend()
+    if name != "default" and backend != "tensorflow":
+        # Keras trains with tf.distribute only on TensorFlow: elsewhere the strategy's
+        # scope would be entered and silently ignored (one device, no replication).
+        raise ValueError(
+            f"the {name!r} strategy is tf.distribute's and needs the TensorFlow backend "
+            f"(KERAS_BACKEND=tensorflow); this is {backend!r}. On JAX, spread a model over "
+            "devices with 'expert_parallel' (keras.distribution)."
+        )
 
     if name == "default":
         return tf.distribute.get_strategy()

@@ -65,3 +65,31 @@ def test_mirrored_strategy_matches_single_device(dispatch, mirrored_strategy):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     # The balancing terms moved the gates: training was not a no-op.
     assert any(np.abs(w - i).max() > 1e-3 for w, i in zip(single_weights, initial))
+
+
+@pytest.mark.multi_backend
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow",
+                    reason="the refusals on other backends")
+def test_tensorflow_only_parts_refuse_other_backends(tmp_path, capsys):
+    """tf.distribute's strategies, the multi-worker loop and the channel-skipping runner
+    say that they need TensorFlow (instead of a strategy scope that JAX ignores, or a
+    symbolic-tensor error from inside the graph)."""
+    from conftest import TINY_SPARSE_RECIPE, write_recipe
+    from keras_moe import cli, distribute, zoo
+    from keras_moe.inference import SkipChannelRunner
+    from keras_moe.training.custom_loop import fit_distributed
+
+    for name in ("mirrored", "multi_worker", "tpu"):
+        with pytest.raises(ValueError, match=f"'{name}' strategy .* needs the TensorFlow"):
+            distribute.get_strategy(name)
+    distribute.get_strategy("default")  # no distribution: valid everywhere
+    assert cli.main(["train", write_recipe(tmp_path, TINY_SPARSE_RECIPE), "--strategy",
+                     "mirrored", "--out", str(tmp_path / "run")]) == 2
+    assert "--strategy mirrored: the 'mirrored' strategy" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="fit_distributed .* needs the TensorFlow backend"):
+        fit_distributed(keras.Sequential([keras.layers.Dense(2)]), None,
+                        strategy=tf.distribute.get_strategy(), steps_per_epoch=1,
+                        initial_epoch=0, epochs=1)
+    with pytest.raises(ValueError, match="SkipChannelRunner .* needs the TensorFlow"):
+        SkipChannelRunner(zoo.deepmoe_resnet_cifar(depth=8))

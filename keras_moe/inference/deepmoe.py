@@ -144,6 +144,13 @@ class SkipChannelRunner:
     """
 
     def __init__(self, model, skip_stream_inputs=True):
+        if keras.backend.backend() != "tensorflow":
+            # The reduced network is written in TensorFlow ops (one tf.function).
+            raise ValueError(
+                "SkipChannelRunner runs a TensorFlow graph and needs the TensorFlow backend "
+                f"(KERAS_BACKEND=tensorflow); this is {keras.backend.backend()!r}. On JAX, "
+                "model(images) computes the same logits with the closed channels masked."
+            )
         network = getattr(model, "network", model)
         if (
             not isinstance(network, keras.Model)
