@@ -8,9 +8,9 @@ placed loads unplaced and back. It also holds the shared experts (DeepSeekMoE): 
 of the same shape that every token passes through, stacked the same way but never
 split over devices.
 
-The experts run two ways: `_batched_experts` (a batched matmul over `(experts, n,
-features)`, for dense and capacity dispatch) and `_grouped_experts` (rows sorted by
-expert, for sparse dispatch).
+The experts run two ways: `_batched_experts` (`(experts, n, features)` blocks, for
+dense, capacity and expert-choice dispatch: a batched matmul, or on TensorFlow the grouped
+FFN over equal blocks) and `_grouped_experts` (rows sorted by expert, for sparse dispatch).
 """
 
 import keras
