@@ -45,6 +45,7 @@ SIZES = ["--train-size", "128", "--test-size", "32", "--batch-size", "32"]
 # Narrower models where the recipe's builder has a width keyword (depth and phases stay).
 NARROW = {
     "sparse_moe_fashion_mnist": ["model.units=32"],
+    "sparse_moe32_fashion_mnist": ["model.units=32"],
     "eigen_dmoe_jittered_mnist": ["model.units=[16, 16]", "model.gate_hidden_units=[8, 8]"],
     "eigen_dnn_jittered_mnist": ["model.units=[16, 16]", "model.gate_hidden_units=[8, 8]"],
     "two_domain_moe_conv_gate": ["model.expert_filters=4", "model.expert_units=8",
