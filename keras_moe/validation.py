@@ -61,8 +61,13 @@ def non_negative_float(name, value, allow_none=False):
     return number(name, value, minimum=0, allow_none=allow_none)
 
 
-def top_k(value, num_experts):
+def top_k(value, num_experts, required_by=None):
+    """`value` as an int in [1, num_experts], or None; `required_by` (a name) refuses None."""
     if value is None:
+        if required_by is not None:
+            raise ValueError(
+                f"{required_by} needs `top_k`: an integer with 1 <= top_k <= num_experts "
+                f"({num_experts}); got None.")
         return None
     if not _is_int(value) or not 1 <= value <= num_experts:
         raise ValueError(

@@ -333,12 +333,7 @@ class NoisyTopKGate(RoutingOptions, keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.num_experts = validation.positive_int("num_experts", num_experts)
-        if top_k is None:
-            raise ValueError(
-                "NoisyTopKGate needs `top_k`: an integer with 1 <= top_k <= "
-                f"num_experts ({self.num_experts}); got None."
-            )
-        self.top_k = validation.top_k(top_k, self.num_experts)
+        self.top_k = validation.top_k(top_k, self.num_experts, required_by="NoisyTopKGate")
         self.noise_epsilon = validation.positive_float("noise_epsilon", noise_epsilon)
         self.noisy = bool(noisy)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)

@@ -65,12 +65,7 @@ class SigmoidTopKGate(RoutingOptions, keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.num_experts = validation.positive_int("num_experts", num_experts)
-        if top_k is None:
-            raise ValueError(
-                "SigmoidTopKGate needs `top_k`: an integer with 1 <= top_k <= "
-                f"num_experts ({self.num_experts}); got None."
-            )
-        self.top_k = validation.top_k(top_k, self.num_experts)
+        self.top_k = validation.top_k(top_k, self.num_experts, required_by="SigmoidTopKGate")
         self.routed_scaling = validation.positive_float("routed_scaling", routed_scaling)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self._init_routing(bias_update_rate, num_groups, top_k_groups)
