@@ -45,6 +45,7 @@ Names:
 
 import re
 
+from keras_moe import validation
 from keras_moe.expert_parallel import expert_parallel
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu", "expert_parallel")
@@ -112,18 +113,13 @@ def get_strategy(name="default", *, devices=None, tpu=None, mesh=None):
     if name == "expert_parallel":
         data, expert = parse_mesh(mesh)
         return expert_parallel(data=data, expert=expert)
-    import keras
-    import tensorflow as tf
-
-    backend = keras.backend.backend()
-    if name != "default" and backend != "tensorflow":
+    if name != "default":
         # Keras trains with tf.distribute only on TensorFlow: elsewhere the strategy's
         # scope would be entered and silently ignored (one device, no replication).
-        raise ValueError(
-            f"the {name!r} strategy is tf.distribute's and needs the TensorFlow backend "
-            f"(KERAS_BACKEND=tensorflow); this is {backend!r}. On JAX, spread a model over "
-            "devices with 'expert_parallel' (keras.distribution)."
-        )
+        validation.require_tensorflow(
+            f"the {name!r} strategy (tf.distribute's)",
+            "On JAX, spread a model over devices with 'expert_parallel' (keras.distribution).")
+    import tensorflow as tf
 
     if name == "default":
         return tf.distribute.get_strategy()

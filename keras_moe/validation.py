@@ -98,3 +98,14 @@ def last_dim(layer, input_shape):
             f"input to be known at build time; got shape {input_shape}."
         )
     return int(dim)
+
+
+def require_tensorflow(what, instead):
+    """Refuses `what` (a TensorFlow-only part) on another Keras backend, saying `instead`."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            f"{what} needs the TensorFlow backend (KERAS_BACKEND=tensorflow); this is "
+            f"{backend!r}. {instead}")

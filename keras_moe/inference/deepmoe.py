@@ -86,6 +86,7 @@ Reference:
 import keras
 import tensorflow as tf
 
+from keras_moe import validation
 from keras_moe.analysis import graph
 from keras_moe.inference.snapshots import (
     GateGroup,
@@ -144,13 +145,10 @@ class SkipChannelRunner:
     """
 
     def __init__(self, model, skip_stream_inputs=True):
-        if keras.backend.backend() != "tensorflow":
-            # The reduced network is written in TensorFlow ops (one tf.function).
-            raise ValueError(
-                "SkipChannelRunner runs a TensorFlow graph and needs the TensorFlow backend "
-                f"(KERAS_BACKEND=tensorflow); this is {keras.backend.backend()!r}. On JAX, "
-                "model(images) computes the same logits with the closed channels masked."
-            )
+        # The reduced network is written in TensorFlow ops (one tf.function).
+        validation.require_tensorflow(
+            "SkipChannelRunner (a TensorFlow graph)",
+            "On JAX, model(images) computes the same logits with the closed channels masked.")
         network = getattr(model, "network", model)
         if (
             not isinstance(network, keras.Model)

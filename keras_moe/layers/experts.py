@@ -17,6 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_moe import validation
 from keras_moe.layers import dispatch as dispatch_lib
 
 EXPERT_WEIGHTS = ("hidden_kernel", "hidden_bias", "kernel", "bias")
@@ -37,11 +38,9 @@ def check_expert_devices(devices, num_experts):
             f"expert_devices: {len(devices)} devices must divide num_experts "
             f"({num_experts}) so that each holds as many experts."
         )
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            "expert_devices places experts with TensorFlow's device scopes; on "
-            f"{keras.backend.backend()!r} use keras_moe.expert_parallel.expert_parallel()."
-        )
+    validation.require_tensorflow(
+        "expert_devices (TensorFlow's device scopes)",
+        "Use keras_moe.expert_parallel.expert_parallel() instead.")
     return tuple(devices)
 
 

@@ -51,6 +51,7 @@ import warnings
 import keras
 
 from keras_moe import compat
+from keras_moe.validation import require_tensorflow
 
 __all__ = ["fit_distributed"]
 
@@ -77,10 +78,7 @@ def _validate(model, dataset, strategy, steps_per_epoch, initial_epoch, epochs,
               validation_data, callbacks, verbose):
     import tensorflow as tf
 
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            "fit_distributed is a tf.distribute loop and needs the TensorFlow backend "
-            f"(KERAS_BACKEND=tensorflow); this is {keras.backend.backend()!r}")
+    require_tensorflow("fit_distributed (a tf.distribute loop)", "On JAX, train with model.fit.")
     if not isinstance(strategy, tf.distribute.Strategy):
         raise ValueError(f"strategy must be a tf.distribute.Strategy, got {strategy!r}")
     if not isinstance(model, keras.Model):
