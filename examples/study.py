@@ -280,6 +280,11 @@ def measure_deepmoe(run_dir, arm, budget, seed):
             argmin_joint_epoch=int(densities.index(min(densities))),
             final_joint_density=densities[-1],
         )
+        # The controller's lowest reading of each joint epoch (every 10 batches; runs
+        # from before the controller logged it have none).
+        readings = [row["gate_density_min"] for row in joint if "gate_density_min" in row]
+        if readings:
+            metrics["min_joint_density_reading"] = min(readings)
     else:
         metrics.update(gate_density=1.0, min_layer_density=1.0, max_layer_density=1.0)
     return metrics
@@ -304,6 +309,7 @@ def deepmoe_study():
         Metric("min_layer_density", "lowest layer's density", 3),
         Metric("max_layer_density", "highest layer's density", 3),
         Metric("min_joint_epoch_density", "min density at a joint epoch's end", 3),
+        Metric("min_joint_density_reading", "min density the controller read (joint)", 3),
     ]
     comparisons = [
         Comparison("wide - baseline", "wide", "baseline", "test_accuracy"),
@@ -320,14 +326,17 @@ def deepmoe_study():
                    "min_layer_density", decimals=3),
         Comparison("layer-mean - channel-weighted", "wide_layer_mean", "wide",
                    "min_joint_epoch_density", decimals=3),
+        Comparison("layer-mean - channel-weighted", "wide_layer_mean", "wide",
+                   "min_joint_density_reading", decimals=3),
     ]
     return Study(
         "deepmoe", "DeepMoE (004): wide / narrow DeepMoE against the plain ResNet",
         "zoo/deepmoe.md", arms, DEEPMOE_BUDGETS, measure_deepmoe, metrics, comparisons,
         notes="MACs: effective multiply-adds per example on the first 1,024 test images "
               "(report.json), the baseline's static ones. Densities at the joint epochs' "
-              "ends come from history.jsonl (the controller's mid-epoch readings are not "
-              "written anywhere).")
+              "ends, and the lowest of the controller's readings (every 10 batches) in "
+              "each joint epoch, come from history.jsonl; rows from before the "
+              "controller logged its readings (commit d75a412 and earlier) have none.")
 
 
 # Two-domain (002) -------------------------------------------------------------------------

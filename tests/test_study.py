@@ -230,3 +230,27 @@ def test_the_layer_mean_arm_really_swaps_deepmoes_l1_term():
         assert gate_loss == pytest.approx(expected, rel=1e-4), term
         losses[term] = gate_loss
     assert len(set(widths)) > 1 and abs(losses["channel"] - losses["layer_mean"]) > 1e-3
+
+
+def test_deepmoe_measures_the_controllers_lowest_reading_of_the_joint_phase(tmp_path):
+    report = {"test": {"accuracy": 0.8}, "static_macs": 2e6, "parameters": 10,
+              "deepmoe": {"effective_macs": 1e6, "gate_density": 0.5,
+                          "gate_density_per_layer": {"a": 0.4, "b": 0.6}}}
+    history = [
+        {"phase": "joint", "epoch": 0, "gate_density": 0.9, "gate_density_min": 0.85},
+        {"phase": "joint", "epoch": 1, "gate_density": 0.52, "gate_density_min": 0.07},
+        {"phase": "joint", "epoch": 2, "gate_density": 0.49, "gate_density_min": 0.45},
+        {"phase": "finetune", "epoch": 3, "gate_density_min": 0.01},  # not the joint phase
+    ]
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    metrics = study.measure_deepmoe(tmp_path, "wide", {}, 0)
+    assert metrics["min_joint_density_reading"] == 0.07
+    assert metrics["min_joint_epoch_density"] == 0.49
+    assert metrics["argmin_joint_epoch"] == 2
+    assert (metrics["min_layer_density"], metrics["max_layer_density"]) == (0.4, 0.6)
+    # A run from before the controller logged its readings: no such metric, not a guess.
+    for row in history:
+        row.pop("gate_density_min")
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    assert "min_joint_density_reading" not in study.measure_deepmoe(tmp_path, "wide", {}, 0)

@@ -316,7 +316,9 @@ class GateDensityTarget(keras.callbacks.Callback):
     step > 0 while `d < d_prev`). lambda starts at `initial_gate_l1` (None: the model's
     own). Each measurement is appended to `self.records` as a `DensityRecord(batch,
     density, gate_l1, target)`; the last density and lambda are added to the epoch logs
-    as `gate_density` and `gate_l1`.
+    as `gate_density` and `gate_l1`, and the epoch's lowest measured density as
+    `gate_density_min` (so a run's `history.jsonl` shows a dip that recovers within
+    the epoch).
 
     Why this shape (the paper sets lambda by hand; all of this is our choice):
 
@@ -442,6 +444,7 @@ class GateDensityTarget(keras.callbacks.Callback):
         self.records = []
         self.reached = False
         self._seen = 0
+        self._epoch_start = 0  # index in `records` of the epoch's first measurement
         self._gates = self._previous_gates = None  # gate values at the last two measurements
 
     def measure(self):
@@ -505,6 +508,9 @@ class GateDensityTarget(keras.callbacks.Callback):
         if self.initial_gate_l1 is not None and not self.records:
             self.model.gate_l1 = self.initial_gate_l1
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = len(self.records)
+
     def on_train_batch_end(self, batch, logs=None):
         self._seen += 1
         if self.every != "epoch" and self._seen % self.every == 0:
@@ -516,3 +522,5 @@ class GateDensityTarget(keras.callbacks.Callback):
         if logs is not None and self.records:
             logs["gate_density"] = self.records[-1].density
             logs["gate_l1"] = self.records[-1].gate_l1
+            this_epoch = self.records[self._epoch_start:] or self.records[-1:]
+            logs["gate_density_min"] = min(record.density for record in this_epoch)

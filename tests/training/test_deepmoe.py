@@ -351,3 +351,19 @@ def test_gate_embedding_shuffling_groups_and_deterministic_donor():
     assert result.out_group_accuracy == pytest.approx((result.accuracy[2] + result.accuracy[3]) / 2)
     with pytest.raises(ValueError, match="donor_classes"):
         shuffling.gate_embedding_shuffling(model, x, y, 0, groups, donor_classes=[0])
+
+
+def test_density_target_logs_each_epochs_lowest_reading():
+    # Two epochs of 4 batches, one measurement per batch: the dip to 0.3 in epoch 0
+    # recovers before the epoch ends, so only `gate_density_min` shows it.
+    readings = [0.9, 0.3, 0.8, 0.7, 0.65, 0.6, 0.62, 0.64]
+    it = iter(readings)
+    callback = training.GateDensityTarget(0.5, density_fn=lambda m: next(it), every=1)
+    model = compiled(tiny())
+    images, labels = data(n=32)
+    history = model.fit(images, labels, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[callback])
+    assert [r.density for r in callback.records] == readings
+    assert history.history["gate_density"] == pytest.approx([0.7, 0.64])
+    assert history.history["gate_density_min"] == pytest.approx(
+        [min(readings[:4]), min(readings[4:])])
