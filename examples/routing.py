@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import study  # noqa: E402
+from studies import routing as routing_study  # noqa: E402
 
 
 def arm_models(x_shape):
@@ -45,10 +46,10 @@ def arm_models(x_shape):
 
     base = recipes.load_recipe("sparse_moe_fashion_mnist")
     models = {}
-    for arm in study.routing_arms():
+    for arm in routing_study.routing_arms():
         sets = [arm.args[i + 1] for i in range(0, len(arm.args), 2)]
-        sets += [f"model.num_experts={study.ROUTING_EXPERTS}",
-                 f"model.top_k={study.ROUTING_TOP_K}"]
+        sets += [f"model.num_experts={routing_study.ROUTING_EXPERTS}",
+                 f"model.top_k={routing_study.ROUTING_TOP_K}"]
         recipe = base.override(sets)
         model = zoo.get_model(recipe.model.name, input_shape=x_shape, num_classes=10,
                               **recipe.model.builder_kwargs())
@@ -73,8 +74,8 @@ def time_arms(reps):
         {name: (lambda m=model: m.train_on_batch(x, y)) for name, model in models.items()},
         reps)
     base = medians["importance_load"]
-    print(f"\none training step, batch 128, {study.ROUTING_EXPERTS} experts, "
-          f"top-{study.ROUTING_TOP_K} (median of {reps}, interleaved):\n")
+    print(f"\none training step, batch 128, {routing_study.ROUTING_EXPERTS} experts, "
+          f"top-{routing_study.ROUTING_TOP_K} (median of {reps}, interleaved):\n")
     print("| arm | ms | / importance_load |\n| --- | --- | --- |")
     for name, seconds in medians.items():
         print(f"| {name} | {seconds * 1e3:.2f} | {seconds / base:.2f} |")

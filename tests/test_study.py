@@ -1,4 +1,4 @@
-"""examples/study.py: rows of a results file, resuming, torn lines, and the table's numbers.
+"""examples/study.py and examples/studies/: results rows, resuming, torn lines, the table.
 
 One end-to-end run of the Shazeer study at its `tiny` budget (1 seed, 2 arms, two
 batches each, 256 training / 256 test images) into a temporary results file, through
@@ -23,15 +23,13 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 STUDY_SCRIPT = REPO / "examples" / "study.py"
 
 
-def _load_study_module():
-    spec = importlib.util.spec_from_file_location("study", STUDY_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO / "examples"))  # as `python3 examples/study.py` has it
 
-
-study = _load_study_module()
+from studies import deepmoe as deepmoe_study  # noqa: E402
+from studies import get_study  # noqa: E402
+from studies import results as results_file  # noqa: E402
+from studies import routing as routing_study  # noqa: E402
+from studies import table as study_table  # noqa: E402
 
 
 def _run(*args, timeout=300):
@@ -103,7 +101,7 @@ def test_study_rows_resume_torn_line_and_table(tmp_path):
     table = json.loads(printed.stdout)
     assert table["runs_done"] == 2 and table["runs_planned"] == 2
     # ... and the next append cuts it off, so every line is a row again.
-    study.append_row(results, dict(rows[0], seed=1))
+    results_file.append_row(results, dict(rows[0], seed=1))
     assert [r["seed"] for r in _rows(results)] == [0, 0, 1]
 
     # The printed table equals a recomputation from a file with several seeds.
@@ -114,9 +112,9 @@ def test_study_rows_resume_torn_line_and_table(tmp_path):
             metrics = dict(row["metrics"], test_accuracy=float(rng.uniform(0.6, 0.9)),
                            load_cv=float(rng.uniform(0, 3)),
                            importance_cv=float(rng.uniform(0, 3)))
-            study.append_row(several, dict(row, seed=seed, metrics=metrics))
+            results_file.append_row(several, dict(row, seed=seed, metrics=metrics))
     # A row of another settings fingerprint (the arm's command changed) is left out.
-    study.append_row(several, dict(rows[0], seed=7, settings_id="other"))
+    results_file.append_row(several, dict(rows[0], seed=7, settings_id="other"))
     table = json.loads(_run("shazeer", "--budget", "tiny", "--results", several,
                             "--print-only", "--json").stdout)
     assert table["runs_done"] == 2 and table["runs_beyond_plan"] == 8
@@ -150,27 +148,27 @@ def test_a_damaged_line_before_the_last_is_an_error(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
     with pytest.raises(ValueError, match="line 2"):
-        study.read_rows(path)
+        results_file.read_rows(path)
 
 
 def test_summary_of_one_value_has_no_spread():
-    summary = study.summarize([0.5])
+    summary = study_table.summarize([0.5])
     assert summary["mean"] == 0.5
     assert summary["std"] is None and summary["ci_low"] is None
 
 
 def test_update_card_replaces_only_the_text_between_the_markers(tmp_path):
-    shazeer = study.get_study("shazeer")
-    begin = study.CARD_BEGIN.format(paper="shazeer")
+    shazeer = get_study("shazeer")
+    begin = study_table.CARD_BEGIN.format(paper="shazeer")
     card = tmp_path / "card.md"
-    card.write_text(f"# Card\n\nbefore\n{begin}\nold table\n{study.CARD_END}\nafter\n")
-    study.update_card(shazeer, "new table\nline 2", card)
-    study.update_card(shazeer, "newer table", card)
+    card.write_text(f"# Card\n\nbefore\n{begin}\nold table\n{study_table.CARD_END}\nafter\n")
+    study_table.update_card(shazeer, "new table\nline 2", card)
+    study_table.update_card(shazeer, "newer table", card)
     assert card.read_text() == (f"# Card\n\nbefore\n{begin}\nnewer table\n"
-                                f"{study.CARD_END}\nafter\n")
+                                f"{study_table.CARD_END}\nafter\n")
     card.write_text("# Card without markers\n")
     with pytest.raises(ValueError, match="no lines"):
-        study.update_card(shazeer, "table", card)
+        study_table.update_card(shazeer, "table", card)
 
 
 @pytest.mark.slow
@@ -191,7 +189,7 @@ def test_the_routing_study_counts_unrouted_images_and_times_every_arm(tmp_path):
     routing = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(routing)
     medians = routing.time_arms(reps=1)
-    assert list(medians) == [arm.name for arm in study.routing_arms()]
+    assert list(medians) == [arm.name for arm in routing_study.routing_arms()]
     assert all(seconds > 0 for seconds in medians.values())
 
 
@@ -244,7 +242,7 @@ def test_deepmoe_measures_the_controllers_lowest_reading_of_the_joint_phase(tmp_
     ]
     (tmp_path / "report.json").write_text(json.dumps(report))
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    metrics = study.measure_deepmoe(tmp_path, "wide", {}, 0)
+    metrics = deepmoe_study.measure_deepmoe(tmp_path, "wide", {}, 0)
     assert metrics["min_joint_density_reading"] == 0.07
     assert metrics["min_joint_epoch_density"] == 0.49
     assert metrics["argmin_joint_epoch"] == 2
@@ -253,4 +251,4 @@ def test_deepmoe_measures_the_controllers_lowest_reading_of_the_joint_phase(tmp_
     for row in history:
         row.pop("gate_density_min")
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    assert "min_joint_density_reading" not in study.measure_deepmoe(tmp_path, "wide", {}, 0)
+    assert "min_joint_density_reading" not in deepmoe_study.measure_deepmoe(tmp_path, "wide", {}, 0)
