@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -252,3 +253,63 @@ def test_deepmoe_measures_the_controllers_lowest_reading_of_the_joint_phase(tmp_
         row.pop("gate_density_min")
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     assert "min_joint_density_reading" not in deepmoe_study.measure_deepmoe(tmp_path, "wide", {}, 0)
+
+
+def _check_two_domain(rows):
+    by_arm = {row["arm"]: row["metrics"] for row in rows}
+    for arm, metrics in by_arm.items():
+        rates = np.asarray(metrics["activation_rates_test"])
+        assert rates.shape == (2, 2)
+        np.testing.assert_allclose(rates.sum(1), 1.0, atol=1e-5)  # softmax gates per domain
+        diagonal = max(rates[0, 0] + rates[1, 1], rates[0, 1] + rates[1, 0]) / 2
+        assert metrics["diagonal_share"] == pytest.approx(diagonal)
+        means = metrics["expert_mean_gate"]
+        assert metrics["min_expert_mean_gate"] == pytest.approx(min(means))
+        assert metrics["collapsed"] == int(min(means) < 0.05)
+        assert metrics["test_examples"] == 128
+    # The oracle gate reads each image's domain: the table is the identity.
+    np.testing.assert_allclose(by_arm["oracle"]["activation_rates_test"], np.eye(2), atol=1e-6)
+    assert by_arm["oracle"]["diagonal_share"] == pytest.approx(1.0)
+
+
+def _check_eigen(rows):
+    (row,) = rows
+    metrics = row["metrics"]
+    assert metrics["test_error"] == pytest.approx(100 * (1 - metrics["test_accuracy"]))
+    assert 0 <= metrics["train_error"] <= 100
+    for layer in (1, 2):
+        assert sum(metrics[f"expert_share_layer{layer}"]) == pytest.approx(1.0)
+        for key in ("u_translation", "u_class", "nmi_translation", "nmi_class"):
+            assert 0.0 <= metrics[f"{key}_layer{layer}"] <= 1.0 + 1e-9
+
+
+def _check_deepmoe(rows):
+    (row,) = rows
+    metrics = row["metrics"]
+    assert 0.0 <= metrics["gate_density"] <= 1.0
+    assert metrics["macs_millions"] * 1e6 <= metrics["static_macs"]
+    densities = metrics["joint_epoch_densities"]
+    assert metrics["min_joint_epoch_density"] == min(densities)
+    # 10 batches: the controller read once, and history.jsonl holds that reading.
+    command = shlex.split(row["command"])
+    run_dir = pathlib.Path(command[command.index("--out") + 1])
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    readings = [r["gate_density_min"] for r in history if r["phase"] == "joint"]
+    assert len(readings) == 1 and 0.0 <= readings[0] <= 1.0
+    assert metrics["min_joint_density_reading"] == readings[0]
+
+
+@pytest.mark.parametrize("paper, arms, check", [
+    ("two_domain", "conv_none,oracle", _check_two_domain),
+    ("eigen", "dmoe", _check_eigen),
+    ("deepmoe", "wide", _check_deepmoe),
+])
+def test_each_papers_study_measures_its_runs(tmp_path, paper, arms, check):
+    """Every paper's measurement on real runs at its tiny budget (the full studies run
+    for hours: a measurement that breaks would only show after the first run)."""
+    results = tmp_path / f"{paper}.jsonl"
+    _run(paper, "--budget", "tiny", "--arms", arms, "--results", results,
+         "--runs-dir", tmp_path / "runs", timeout=600)
+    rows = _rows(results)
+    assert sorted(row["arm"] for row in rows) == sorted(arms.split(","))
+    check(rows)

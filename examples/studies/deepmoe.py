@@ -10,7 +10,8 @@ BUDGETS = {
     # (2.5x their 4): DeepMoE 7 joint + 3 fine-tune, learning rate /10 at the fine-tune,
     # the baseline 10 epochs with the same drop; the whole 10,000-image test set.
     "full": {"seeds": 5, "train_size": 20000, "test_size": 10000, "joint": 7, "finetune": 3},
-    "tiny": {"seeds": 1, "train_size": 256, "test_size": 256, "joint": 1, "finetune": 1},
+    # tiny: 10 batches, so that the density controller reads once (every 10 batches).
+    "tiny": {"seeds": 1, "train_size": 1280, "test_size": 256, "joint": 1, "finetune": 1},
 }
 
 

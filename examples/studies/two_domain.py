@@ -24,7 +24,7 @@ def measure_two_domain(run_dir, arm, budget, seed):
     import numpy as np
 
     from keras_moe.analysis import activation_rates
-    from keras_moe.zoo.two_domain import two_domain_gate_model
+    from keras_moe.analysis.gates import gate_model
 
     report = json.loads((run_dir / "report.json").read_text())
     model = load_model(run_dir)
@@ -34,7 +34,7 @@ def measure_two_domain(run_dir, arm, budget, seed):
     logits = model.predict(inputs, batch_size=256, verbose=0)
     accuracy = float(np.mean(np.argmax(logits, -1) == labels))
     check_accuracy(accuracy, report, f"{run_dir}")
-    gates = two_domain_gate_model(model).predict(inputs, batch_size=256, verbose=0)
+    gates = gate_model(model, "mixture").predict(inputs, batch_size=256, verbose=0)
     rates = activation_rates(gates, features["domain"], num_groups=2)
     diagonal = max(rates[0, 0] + rates[1, 1], rates[0, 1] + rates[1, 0]) / 2
     expert_mean = gates.mean(0)
