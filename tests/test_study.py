@@ -299,6 +299,7 @@ def _check_deepmoe(rows):
     assert metrics["min_joint_density_reading"] == readings[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paper, arms, check", [
     ("two_domain", "conv_none,oracle", _check_two_domain),
     ("eigen", "dmoe", _check_eigen),

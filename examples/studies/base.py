@@ -12,7 +12,7 @@ class Arm:
 
     `target` is the recipe or zoo model; `args` the arm's own flags (`--set ...`);
     `script` (optional) a repository script that takes the same flags instead of
-    `keras-moe train TARGET` (see the module docstring).
+    `keras-moe train TARGET` (see `examples/study.py`'s docstring).
     """
 
     name: str
@@ -70,8 +70,8 @@ class Study:
     measure: object
     metrics: list
     comparisons: list
+    flags: object  # flags(arm_name, budget) -> the budget's flags of an arm
     notes: str = ""
-    flags: object = None  # flags(arm_name, budget) -> the budget's flags of an arm
 
 
 def numpy_split(name, split, seed, normalize, size):

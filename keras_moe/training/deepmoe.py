@@ -317,8 +317,8 @@ class GateDensityTarget(keras.callbacks.Callback):
     own). Each measurement is appended to `self.records` as a `DensityRecord(batch,
     density, gate_l1, target)`; the last density and lambda are added to the epoch logs
     as `gate_density` and `gate_l1`, and the lowest density measured during the epoch
-    (if any was) as `gate_density_min` (so a run's `history.jsonl` shows a dip that
-    recovers within the epoch).
+    as `gate_density_min` (so a run's `history.jsonl` shows a dip that recovers within
+    the epoch; an epoch without a reading of its own reports the last one).
 
     Why this shape (the paper sets lambda by hand; all of this is our choice):
 
@@ -522,6 +522,8 @@ class GateDensityTarget(keras.callbacks.Callback):
         if logs is not None and self.records:
             logs["gate_density"] = self.records[-1].density
             logs["gate_l1"] = self.records[-1].gate_l1
-            this_epoch = self.records[self._epoch_start:]
-            if this_epoch:  # an epoch shorter than `every` batches has no reading
-                logs["gate_density_min"] = min(record.density for record in this_epoch)
+            # An epoch without a reading of its own (shorter than `every` batches)
+            # reports the reading still in force, as `gate_density` does: the logs
+            # keep one value per epoch.
+            this_epoch = self.records[self._epoch_start:] or self.records[-1:]
+            logs["gate_density_min"] = min(record.density for record in this_epoch)

@@ -367,9 +367,13 @@ def test_density_target_logs_each_epochs_lowest_reading():
     assert history.history["gate_density"] == pytest.approx([0.7, 0.64])
     assert history.history["gate_density_min"] == pytest.approx(
         [min(readings[:4]), min(readings[4:])])
-    # An epoch without a reading (4 batches, one every 5) logs no lowest reading.
-    later = training.GateDensityTarget(0.5, density_fn=lambda m: 0.4, every=5)
-    logs = model.fit(images, labels, batch_size=8, epochs=2, shuffle=False, verbose=0,
+    # One reading every 6 batches of 4-batch epochs: epoch 0 has none (and no records:
+    # nothing logged), epoch 3 has none of its own and reports the last one (batch 12).
+    later_readings = iter([0.4, 0.3])
+    later = training.GateDensityTarget(0.5, density_fn=lambda m: next(later_readings),
+                                       every=6)
+    logs = model.fit(images, labels, batch_size=8, epochs=4, shuffle=False, verbose=0,
                      callbacks=[later]).history
-    assert [r.batch for r in later.records] == [5]
-    assert logs["gate_density_min"] == [0.4]  # epoch 1 only: the reading at batch 5
+    assert [r.batch for r in later.records] == [6, 12]
+    assert logs["gate_density_min"] == pytest.approx([0.4, 0.3, 0.3])
+    assert len(logs["gate_density_min"]) == len(logs["gate_density"])
