@@ -26,9 +26,10 @@ def _deepmoe_args(arm, budget):
 def measure_deepmoe(run_dir, arm, budget, seed):
     """Test accuracy, MACs per example, gate density overall / per layer, and the
     density of every joint epoch's end (history.jsonl) with its minimum."""
+    from keras_moe.training.run_dir import read_history
+
     report = json.loads((run_dir / "report.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()
-               if line.strip()]
+    history = read_history(run_dir)  # the runner's reader: re-run epochs, torn lines
     deep = report.get("deepmoe")
     metrics = {
         "test_accuracy": report["test"]["accuracy"],
