@@ -141,7 +141,7 @@ def train(args):
     try:
         result = runner.train_recipe(
             recipe, out, strategy=strategy, resume=args.resume, data_dir=settings.data_dir,
-            seed=settings.seed, verbose=args.verbose, command=["keras-moe"] + sys.argv[1:],
+            seed=settings.seed, verbose=args.verbose, command=["keras-moe"] + args.argv,
             settings=settings)
     except TrainingDiverged as error:
         print(f"keras-moe train: error: {error}", file=sys.stderr)

@@ -323,11 +323,19 @@ def _restore_layer_settings(model, settings):
 
 
 def _state_variables(model):
-    """`{path: variable}` of the model's variables that `save_weights` leaves out: the
-    random generators' states (gate noise, dropout), whose counters a resumed run must
-    continue from, or it would draw the noise of the run's first steps again."""
-    saved = {id(v) for v in model.weights}
-    return {v.path: v for v in model.variables if id(v) not in saved}
+    """`{layer path:attribute: state variable}` of every random generator of the model
+    (gate noise, dropout): `save_weights` leaves their states out, and a resumed run
+    must continue their counters, or it would draw the noise of the run's first steps
+    again. Keyed by the layer's path, not the variable's (Keras numbers generators
+    per process: a second model built in one process has other variable paths)."""
+    from keras_moe.analysis import graph
+
+    found = {}
+    for layer in graph.layers(model):
+        for name, value in vars(layer).items():
+            if isinstance(value, keras.random.SeedGenerator):
+                found[f"{_layer_key(layer)}:{name}"] = value.state
+    return found
 
 
 def to_json_value(value):
@@ -411,9 +419,12 @@ def restore_training_state(model, state, callbacks=()):
         return
     _restore_layer_settings(model, state["layers"])
     variables = _state_variables(model)
-    for path, value in state["random"].items():
-        if path in variables:
-            variables[path].assign(from_json_value(value))
+    if set(variables) != set(state["random"]):
+        raise RunDirectoryError(
+            f"the backup's random generators {sorted(state['random'])} are not the "
+            f"model's {sorted(variables)}: it is another model's backup")
+    for key, value in state["random"].items():
+        variables[key].assign(from_json_value(value))
     stateful = _stateful(callbacks)
     saved = state["callbacks"]
     missing = sorted(set(stateful) - set(saved))

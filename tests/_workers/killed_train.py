@@ -18,7 +18,10 @@ The points are where a crash can interrupt a run (the N-th occurrence, counted f
 - `mid-epoch`: after the N-th training batch (counted over the whole run), inside an
   epoch;
 - `between-state-and-weights`: the N-th epoch backup's state file is written, its
-  weights file not yet begun.
+  weights file not yet begun;
+- `poison-weights`: not a kill: after the N-th training batch every trainable weight
+  is made infinite, so the next batch's loss is not finite (a run made to diverge
+  after a good epoch; it must stop by itself, exit 1).
 
 The hooks wrap this package's and h5py's functions; nothing in the package knows about
 them. With a point that is never reached the run finishes normally (exit 0); a killed
@@ -122,6 +125,13 @@ def install(point, n):
             return save_weights(model, path)
 
         run_dir.save_weights = killing_save_weights
+    elif point == "poison-weights":
+        def poisoning_on_train_batch_end(self, batch, logs=None):
+            if reached():
+                for variable in self.model.trainable_variables:
+                    variable.assign(variable + float("inf"))
+
+        run_dir.EpochBackup.on_train_batch_end = poisoning_on_train_batch_end
     elif point == "mid-epoch":
         def killing_on_train_batch_end(self, batch, logs=None):
             if reached():
