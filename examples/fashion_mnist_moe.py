@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from keras_moe import data, regularizers  # noqa: E402
 from keras_moe.layers import MoEDense  # noqa: E402
+from keras_moe.training.callbacks import StopOnNonFiniteLoss  # noqa: E402
 
 CLASS_NAMES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
@@ -70,8 +71,11 @@ def main():
         metrics=["accuracy"],
     )
     start = time.perf_counter()
+    # A diverging run stops at its first non-finite batch with the term that went first
+    # (TrainingDiverged), instead of finishing with NaN weights.
     model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-              validation_split=0.05, verbose=2)
+              validation_split=0.05, verbose=2,
+              callbacks=[StopOnNonFiniteLoss(probe=x_train[:256])])
     train_seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, batch_size=512, verbose=0)
 
