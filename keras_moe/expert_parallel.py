@@ -35,6 +35,7 @@ __all__ = [
     "expert_weights",
     "current",
     "shard_dispatch",
+    "gathered",
 ]
 
 DATA_AXIS = "data"
@@ -84,10 +85,12 @@ class ExpertParallel(keras.distribution.ModelParallel):
                 f"device_mesh must have the axes {(DATA_AXIS, EXPERT_AXIS)}, got "
                 f"{tuple(device_mesh.axis_names)}"
             )
+        # Set before Keras's constructor: in a multi-process run it reads
+        # `num_model_replicas` (hence `data` and `expert`) to check the process count.
+        self.data, self.expert = (int(n) for n in device_mesh.shape)
         super().__init__(
             layout_map=keras.distribution.LayoutMap(device_mesh), batch_dim_name=DATA_AXIS
         )
-        self.data, self.expert = (int(n) for n in device_mesh.shape)
 
     @property
     def num_devices(self):
@@ -128,8 +131,56 @@ class ExpertParallel(keras.distribution.ModelParallel):
     def get_tensor_layout(self, path):
         return None
 
+    def local_batch_blocks(self):
+        """Which of the `data * expert` equal blocks of a global batch this process's
+        devices hold (ascending): the batch is split over every device in mesh order, so
+        with the expert axis laid across processes a process's blocks need not be
+        adjacent (mesh 2x4 over two processes: blocks 0, 1, 4, 5 and 2, 3, 6, 7)."""
+        import jax
+
+        devices = self.device_mesh.backend_mesh.devices.reshape(-1)
+        return [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+
     def distribute_dataset(self, dataset):
-        return dataset
+        """This process's part of every global batch of a `tf.data.Dataset`.
+
+        One process: the dataset unchanged. Several (after
+        `keras.distribution.initialize`): each global batch (its size must divide by
+        the mesh's devices) is cut into one block per device, and the process keeps
+        the blocks of its own devices, in order, which is the process-local data that
+        `jax.make_array_from_process_local_data` (Keras's JAX trainer) expects. Every
+        process must read the same global batches (the same dataset, same order).
+        Keras's own `distribute_dataset` keeps one contiguous slice per process, which
+        is wrong when the expert axis spans processes.
+        """
+        if not self._is_multi_process or not self.auto_shard_dataset:
+            return dataset
+        import tensorflow as tf
+
+        if not isinstance(dataset, tf.data.Dataset):
+            raise ValueError(
+                "under expert_parallel over several processes, the training data must be "
+                "a batched tf.data.Dataset that every process reads whole (each keeps its "
+                f"part of every batch); got {type(dataset).__name__}."
+            )
+        blocks = tf.constant(self.local_batch_blocks(), tf.int32)
+        devices = self.num_devices
+
+        def local_part(x):
+            shape = tf.shape(x)
+            tf.debugging.assert_equal(
+                shape[0] % devices, 0,
+                message=f"a global batch must be divisible by the mesh's {devices} devices",
+            )
+            split = tf.reshape(x, tf.concat([[devices, shape[0] // devices], shape[1:]], 0))
+            part = tf.gather(split, blocks)
+            return tf.reshape(part, tf.concat([[-1], shape[1:]], 0))
+
+        def select(*element):
+            parts = tf.nest.map_structure(local_part, element)
+            return parts if len(parts) > 1 else parts[0]
+
+        return dataset.map(select).prefetch(tf.data.AUTOTUNE)
 
     def by_group(self, x):
         """A (groups, experts, ...) dispatch buffer: groups over every device."""
@@ -169,14 +220,27 @@ def _constrain(x, sharding):
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def expert_parallel(data=1, expert=None, devices=None):
+def expert_parallel(data=1, expert=None, devices=None, process_axis=EXPERT_AXIS):
     """A distribution that splits experts over `expert` devices and the batch over all.
+
+    Several processes (after `keras.distribution.initialize(...)`, one per machine): the
+    mesh spans every process's devices (`keras.distribution.list_devices()` is global),
+    each process holds the expert slices of its own devices, and under `fit` each
+    process reads only its part of every global batch (`distribute_dataset`).
 
     Args:
         data: Size of the mesh's data axis, >= 1.
         expert: Size of its expert axis, >= 1; None: every device not on the data axis.
         devices: Device names or JAX devices (default: every device of the default
-            platform, `keras.distribution.list_devices()`); `data * expert` of them.
+            platform, `keras.distribution.list_devices()`); `data * expert` of them,
+            laid into the mesh in the order given.
+        process_axis: With several processes and `devices=None`: the mesh axis along
+            which the processes are laid first. `"expert"` (default): the expert axis
+            spans processes as far as it can, so that a process holds only its share
+            of the experts (mesh 2x4 over two processes: each holds half the experts,
+            the all-to-alls cross processes); `"data"`: the data axis spans processes
+            first (2x4 over two: each process holds every expert, and only the
+            gradient all-reduce crosses processes).
 
     Returns:
         An `ExpertParallel` distribution; build models under its `scope()`.
@@ -203,7 +267,14 @@ def expert_parallel(data=1, expert=None, devices=None):
             f"JAX); this is {backend!r}. On TensorFlow, place the experts with "
             "MoEDense(expert_devices=[...])."
         )
+    import jax
+
     data = validation.positive_int("data", data)
+    if process_axis not in (DATA_AXIS, EXPERT_AXIS):
+        raise ValueError(
+            f"process_axis must be {DATA_AXIS!r} or {EXPERT_AXIS!r}; got {process_axis!r}."
+        )
+    given = devices is not None
     if devices is None:
         devices = keras.distribution.list_devices()
     devices = list(devices)
@@ -219,12 +290,81 @@ def expert_parallel(data=1, expert=None, devices=None):
             f"a mesh of data={data} x expert={expert} needs {data * expert} devices; "
             f"{len(devices)} are available ({devices[:4]}{'...' if len(devices) > 4 else ''})."
         )
+    processes = jax.process_count()
+    if processes > 1 and not given:
+        if data * expert != len(devices):
+            raise ValueError(
+                f"a mesh of data={data} x expert={expert} ({data * expert} devices) must "
+                f"use every device of the {processes} processes: {len(devices)} "
+                f"({len(devices) // processes} each); pass a mesh whose data x expert is "
+                f"{len(devices)}."
+            )
+        grid = _process_layout(data, expert, processes, process_axis)
+    else:
+        grid = np.asarray(devices[: data * expert], dtype=object).reshape(data, expert)
     mesh = keras.distribution.DeviceMesh(
-        shape=(data, expert),
-        axis_names=(DATA_AXIS, EXPERT_AXIS),
-        devices=np.asarray(devices[: data * expert], dtype=object).reshape(data, expert),
+        shape=(data, expert), axis_names=(DATA_AXIS, EXPERT_AXIS), devices=grid
     )
     return ExpertParallel(mesh)
+
+
+def _process_layout(data, expert, processes, process_axis):
+    """The `(data, expert)` grid of every process's devices, each process a rectangle
+    of it: `processes = p_data * p_expert`, laid along `process_axis` first."""
+    import math
+
+    import jax
+
+    if process_axis == EXPERT_AXIS:
+        p_expert = math.gcd(processes, expert)
+        p_data = processes // p_expert
+    else:
+        p_data = math.gcd(processes, data)
+        p_expert = processes // p_data
+    if data % p_data or expert % p_expert:
+        raise ValueError(
+            f"the {processes} processes cannot each hold a rectangle of the mesh "
+            f"data={data} x expert={expert}; use a mesh whose data x expert sizes divide "
+            f"into {processes} equal parts (e.g. data=1, expert={data * expert})."
+        )
+    local_data, local_expert = data // p_data, expert // p_expert
+    by_process = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    grid = np.empty((data, expert), dtype=object)
+    for index, process in enumerate(sorted(by_process)):
+        own = sorted(by_process[process], key=lambda d: d.id)
+        row, column = divmod(index, p_expert)
+        grid[row * local_data:(row + 1) * local_data,
+             column * local_expert:(column + 1) * local_expert] = np.asarray(
+                 own, dtype=object).reshape(local_data, local_expert)
+    return grid
+
+
+def gathered(values):
+    """Full host copies (NumPy) of arrays or variables that may span processes.
+
+    Under `ExpertParallel` over several processes an expert weight is split over
+    devices that no one process can read. Every process must call this together (it
+    compiles one replicating program, XLA's all-gather); each gets the full arrays.
+    Fully addressable values are copied directly.
+    """
+    import jax
+
+    arrays = [getattr(v, "value", v) for v in values]
+    split = [i for i, a in enumerate(arrays)
+             if isinstance(a, jax.Array) and not a.is_fully_addressable
+             and not a.is_fully_replicated]
+    result = [None if i in split else np.asarray(a) for i, a in enumerate(arrays)]
+    if split:
+        from jax.experimental import multihost_utils
+
+        # For a global array process_allgather replicates it (it would instead stack
+        # the processes' copies of a process-local one, hence only the split arrays).
+        full = multihost_utils.process_allgather([arrays[i] for i in split], tiled=True)
+        for i, array in zip(split, full):
+            result[i] = np.asarray(array)
+    return result
 
 
 def current():
