@@ -36,6 +36,9 @@ __all__ = [
     "current",
     "shard_dispatch",
     "gathered",
+    "host_readable",
+    "initialize",
+    "process_settings",
 ]
 
 DATA_AXIS = "data"
@@ -192,8 +195,19 @@ class ExpertParallel(keras.distribution.ModelParallel):
             x, self._sharding(EXPERT_AXIS, DATA_AXIS, *([None] * (len(x.shape) - 2)))
         )
 
+    @property
+    def process_id(self):
+        """This process's index (0 in a one-process run)."""
+        return self._process_id
+
+    @property
+    def is_writer(self):
+        """Whether this process writes files (run directories, exports): process 0."""
+        return self._process_id == 0
+
     def __repr__(self):
-        return f"ExpertParallel(data={self.data}, expert={self.expert})"
+        processes = f", processes={self.num_processes}" if self._is_multi_process else ""
+        return f"ExpertParallel(data={self.data}, expert={self.expert}{processes})"
 
 
 class _ShardingLayout(keras.distribution.TensorLayout):
@@ -385,3 +399,151 @@ def shard_dispatch():
     if distribution is None:
         return 1, None
     return distribution.num_devices, distribution
+
+
+@contextlib.contextmanager
+def host_readable(model):
+    """Inside, every variable of `model` (its optimizer's too) reads as a full NumPy
+    array, so that `model.save` / `save_weights` write the gathered weights, in the
+    layout of a one-process run, even where the arrays span processes.
+
+    Every process must enter it together: the weights that no process holds whole
+    (expert weights split over processes) are gathered with one collective
+    (`gathered`). Nothing changes outside it or in a one-process run.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        yield
+        return
+    variables, seen = [], set()
+    optimizer = getattr(model, "optimizer", None)
+    for v in list(model.variables) + list(getattr(optimizer, "variables", None) or []):
+        if id(v) not in seen:
+            seen.add(id(v))
+            variables.append(v)
+    split = [v for v in variables
+             if isinstance(v.value, jax.Array) and not v.value.is_fully_addressable
+             and not v.value.is_fully_replicated]
+    if not split:
+        yield
+        return
+    originals = [v._value for v in split]
+    # Keras's saving reads `variable.value` and converts it with NumPy: a host copy read
+    # in place of the split array is what it writes. (Private, but only for the read.)
+    for v, full in zip(split, gathered(split)):
+        v._value = full
+    try:
+        yield
+    finally:
+        for v, original in zip(split, originals):
+            v._value = original
+
+
+ADDRESSES_ENV = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
+NUM_PROCESSES_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"
+PROCESS_ID_ENV = "KERAS_DISTRIBUTION_PROCESS_ID"
+
+
+def process_settings(job_addresses=None, num_processes=None, process_id=None, *,
+                     names=("job_addresses", "num_processes", "process_id")):
+    """`(coordinator, num_processes, process_id)` from the arguments, else Keras's own
+    environment variables (`KERAS_DISTRIBUTION_JOB_ADDRESSES`, `..._NUM_PROCESSES`,
+    `..._PROCESS_ID`), checked; `(None, 1, 0)` when neither names more than one process.
+
+    `names`: what to call the three arguments in errors (the command line's flags).
+
+    Raises:
+        ValueError: naming the argument (or variable) that is missing or out of range.
+    """
+    import os
+
+    def named(value, env, flag):
+        if value is not None:
+            return value, flag
+        if os.environ.get(env, "").strip():
+            return os.environ[env].strip(), env
+        return None, flag
+
+    addresses, addresses_from = named(job_addresses, ADDRESSES_ENV, names[0])
+    count, count_from = named(num_processes, NUM_PROCESSES_ENV, names[1])
+    index, index_from = named(process_id, PROCESS_ID_ENV, names[2])
+    listed = [a.strip() for a in str(addresses).split(",")] if addresses else []
+
+    def whole(value, where, minimum):
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or str(value).strip() != str(number) or number < minimum:
+            raise ValueError(f"{where} must be an integer >= {minimum}; got {value!r}.")
+        return number
+
+    count = whole(count, count_from, 1) if count is not None else (len(listed) or 1)
+    if count == 1 and index is None:
+        return None, 1, 0
+    if not listed or not all(listed):
+        raise ValueError(
+            f"{count_from}={count}: {count} processes need the coordinator's address "
+            f"({names[0]}, or {ADDRESSES_ENV}), host:port of process 0, e.g. "
+            "'10.0.0.1:1234'; none was given.")
+    if len(listed) > 1 and len(listed) != count:
+        raise ValueError(
+            f"{addresses_from} lists {len(listed)} addresses but {count_from} is {count}; "
+            "give one address per process (the first is the coordinator) or only the "
+            "coordinator's.")
+    if index is None:
+        raise ValueError(
+            f"{count_from}={count}: each process needs its {names[2]} (or "
+            f"{PROCESS_ID_ENV}), 0 to {count - 1}; none was given.")
+    index = whole(index, index_from, 0)
+    if index >= count:
+        raise ValueError(
+            f"{index_from}={index} is out of range for {count} processes: 0 to "
+            f"{count - 1}.")
+    return listed[0], count, index
+
+
+def initialize(job_addresses=None, num_processes=None, process_id=None, *, timeout=60,
+               names=("job_addresses", "num_processes", "process_id")):
+    """`keras.distribution.initialize` with what a run over several processes needs.
+
+    Starts JAX's multi-controller runtime (one call per process, before any JAX
+    computation): the coordinator, count and id as `process_settings` reads and checks
+    them; on CPU, JAX's gloo collectives (without them cross-process collectives fail
+    on CPU); and bounded waits: a process that does not arrive within `timeout`
+    seconds, or stops answering the coordinator's heartbeats for `timeout` seconds,
+    ends the others with an error instead of leaving them waiting (JAX's defaults are
+    300 and 100 s). Then the processes agree on one random seed, as Keras's does.
+
+    Returns:
+        `(num_processes, process_id)`; `(1, 0)` (and nothing started) for one process.
+
+    Raises:
+        ValueError: see `process_settings`; or not the JAX backend.
+    """
+    coordinator, count, index = process_settings(job_addresses, num_processes, process_id,
+                                                 names=names)
+    if count == 1:
+        return 1, 0
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise ValueError(
+            f"{names[1]}={count}: expert parallelism over several processes needs the "
+            f"JAX backend (Keras's distribution API); this is {backend!r}. TensorFlow's "
+            "multi-worker strategy replicates every variable on every worker, so experts "
+            "cannot be split across machines there.")
+    import jax
+
+    # Only the CPU client's collectives: harmless where the devices are GPUs or TPUs.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = int(timeout)
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=count, process_id=index,
+        initialization_timeout=timeout, heartbeat_timeout_seconds=timeout)
+    # What keras.distribution.initialize does after JAX's own initialize (which it calls
+    # without these timeouts): one random seed for every process.
+    from keras.src.backend.jax.distribution_lib import initialize_rng
+
+    initialize_rng()
+    return count, index

@@ -103,14 +103,21 @@ def atomic_write(path, data):
 
 
 def save_model(model, path):
-    """`model.save(path)` (a `.keras` file) written atomically."""
-    return _save_then_replace(model.save, path, ".keras")
+    """`model.save(path)` (a `.keras` file) written atomically; the full weights even
+    where they are split over processes (`expert_parallel.host_readable`)."""
+    from keras_moe.expert_parallel import host_readable
+
+    with host_readable(model):
+        return _save_then_replace(model.save, path, ".keras")
 
 
 def save_weights(model, path):
     """`model.save_weights(path)` (a `.weights.h5` file, optimizer state included) written
-    atomically."""
-    return _save_then_replace(model.save_weights, path, ".weights.h5")
+    atomically; the full weights, as `save_model`."""
+    from keras_moe.expert_parallel import host_readable
+
+    with host_readable(model):
+        return _save_then_replace(model.save_weights, path, ".weights.h5")
 
 
 # Run settings ----------------------------------------------------------------------------
@@ -129,6 +136,7 @@ class RunSettings:
         export: Whether the run exports a SavedModel when it finishes.
         gates: Whether the SavedModel also returns the gates.
         classify: Test images classified with the SavedModel in a fresh process.
+        processes: How many processes train it (`--num-processes`, expert_parallel).
     """
 
     seed: int = 0
@@ -139,6 +147,7 @@ class RunSettings:
     export: bool = True
     gates: bool = False
     classify: int = 8
+    processes: int = 1
 
     @classmethod
     def from_dict(cls, table, source):
