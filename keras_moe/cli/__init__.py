@@ -83,6 +83,10 @@ def build_parser():
     train.add_argument("--process-id", default=None, metavar="I",
                        help="this process's index, 0 to N-1; process 0 writes the run "
                             "directory (default $KERAS_DISTRIBUTION_PROCESS_ID)")
+    train.add_argument("--process-timeout", type=int, default=60, metavar="SECONDS",
+                       help="several processes: how long to wait for one that has not "
+                            "arrived or stopped answering before the others exit with an "
+                            "error naming it (default 60)")
     train.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the unfinished run in --out from its last backup")

@@ -45,8 +45,9 @@ def _processes(args):
     from keras_moe.expert_parallel import process_settings
 
     try:
-        _, count, index = process_settings(args.coordinator, args.num_processes,
-                                           args.process_id, names=_PROCESS_FLAGS)
+        _, count, index = process_settings(
+            getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+            getattr(args, "process_id", None), names=_PROCESS_FLAGS)
     except ValueError as error:
         raise UsageError(str(error)) from None
     return count, index, (f"--num-processes {count}" if count > 1 else "one process")
@@ -72,7 +73,11 @@ def _start_processes(args, settings):
                "be split across machines there"
                if settings.strategy == "multi_worker" else "runs in one process"))
     try:
-        initialize(args.coordinator, count, index, names=_PROCESS_FLAGS)
+        timeout = getattr(args, "process_timeout", 60)
+        if timeout < 1:
+            raise ValueError(f"--process-timeout must be >= 1 second; got {timeout}")
+        initialize(args.coordinator, count, index, timeout=timeout,
+                   names=_PROCESS_FLAGS)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
