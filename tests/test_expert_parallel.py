@@ -393,3 +393,57 @@ def test_two_processes_hold_their_experts_and_train_like_one_process(tmp_path):
             assert ops.count("all-to-all") >= 4 and "all-gather" not in ops, ops
         # The weights did train (the comparison is not of two untouched copies).
         assert not np.allclose(want[mesh]["weights"][2], _initial_weights()[2])
+
+
+def test_process_settings_come_from_arguments_or_keras_variables(monkeypatch):
+    for name in ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                 "KERAS_DISTRIBUTION_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    settings = expert_parallel.process_settings
+    assert settings() == (None, 1, 0)
+    assert settings("10.0.0.1:1234", 2, 1) == ("10.0.0.1:1234", 2, 1)
+    assert settings("10.0.0.1:1234,10.0.0.2:99", None, 0) == ("10.0.0.1:1234", 2, 0)
+    with pytest.raises(ValueError, match="num_processes=2: 2 processes need the coordinator"):
+        settings(None, 2, 0)
+    with pytest.raises(ValueError, match="process_id=2 is out of range for 2 processes: 0 to 1"):
+        settings("h:1", 2, 2)
+    with pytest.raises(ValueError, match="each process needs its process_id"):
+        settings("h:1", 2, None)
+    with pytest.raises(ValueError, match="lists 2 addresses but num_processes is 3"):
+        settings("a:1,b:2", 3, 0)
+    with pytest.raises(ValueError, match="--num-processes must be an integer >= 1; got 'two'"):
+        settings("h:1", "two", 0, names=("--coordinator", "--num-processes", "--process-id"))
+    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "h:7")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_PROCESS_ID", "5")
+    with pytest.raises(ValueError, match="KERAS_DISTRIBUTION_PROCESS_ID=5 is out of range"):
+        settings()
+    assert settings(process_id=1) == ("h:7", 2, 1)  # an argument wins over the variable
+
+
+def test_train_command_checks_the_process_flags_first(tmp_path, capsys, monkeypatch):
+    from conftest import TINY_SPARSE_RECIPE, write_recipe
+    from keras_moe import cli
+
+    for name in ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                 "KERAS_DISTRIBUTION_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = write_recipe(tmp_path, TINY_SPARSE_RECIPE)
+    out = tmp_path / "run"
+    cases = [
+        (["--strategy", "expert_parallel", "--num-processes", "2", "--process-id", "0"],
+         "--num-processes=2: 2 processes need the coordinator's address (--coordinator"),
+        (["--strategy", "expert_parallel", "--num-processes", "2", "--process-id", "3",
+          "--coordinator", "127.0.0.1:1"], "--process-id=3 is out of range for 2 processes"),
+        (["--strategy", "multi_worker", "--num-processes", "2", "--process-id", "0",
+          "--coordinator", "127.0.0.1:1"],
+         "replicates every variable on every worker, so experts cannot be split"),
+    ]
+    if BACKEND != "jax":
+        cases.append((["--strategy", "expert_parallel", "--num-processes", "2",
+                       "--process-id", "0", "--coordinator", "127.0.0.1:1"],
+                      "needs the JAX backend"))
+    for flags, message in cases:
+        assert cli.main(["train", recipe, "--out", str(out), *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+        assert not out.exists()
