@@ -106,6 +106,12 @@ def producing_operation(tensor):
     return None if history is None else history[0]
 
 
+def own_losses(layer):
+    """The losses `layer` itself added in its last call (`layer.losses` adds its
+    sublayers')."""
+    return list(getattr(layer, OWN_LOSSES)())
+
+
 def compile_arguments(model):
     """The keyword arguments of `model`'s last `compile` call (None if not compiled)."""
     config = getattr(model, COMPILE_CONFIG, None)

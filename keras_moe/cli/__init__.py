@@ -177,6 +177,9 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # What the run directory's command.txt records: this call's arguments (sys.argv is
+    # another program's when main is called from Python).
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.version:
         import keras_moe
 

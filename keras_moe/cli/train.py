@@ -1,5 +1,7 @@
-"""`keras-moe train`: a recipe into a run directory; `--resume` continues one as started."""
+"""`keras-moe train`: a recipe into a run directory; `--resume` continues one as started
+(or, for a run that diverged, with a lower learning rate: the one change it accepts)."""
 
+import dataclasses
 import sys
 
 from keras_moe.cli.common import (
@@ -109,14 +111,29 @@ def _resumed_run(args, out):
                 contradictions.append(f"{flag} (the run has {key} = {stored!r})")
     if args.target is not None and args.target not in (recipe.name, recipe.source):
         contradictions.append(f"{args.target!r} (the run trains recipe {recipe.name!r})")
+    current = recipe if settings.learning_rate is None else recipe.override(
+        [f"optimizer.learning_rate={settings.learning_rate!r}"])
     for flag, assignment in flag_assignments(args):
         try:
-            changed = recipe.override([assignment]).to_dict() != recipe.to_dict()
+            changed = current.override([assignment])
         except recipes.RecipeError as error:
             raise UsageError(f"--resume: {flag_name(flag, assignment)}: {error}") from None
-        if changed:
-            contradictions.append(f"{flag_name(flag, assignment)} (not what the run's "
-                                  "recipe.toml has)")
+        if changed.to_dict() == current.to_dict():
+            continue
+        lowered = changed.optimizer.learning_rate
+        if changed.override([f"optimizer.learning_rate={current.optimizer.learning_rate!r}"]
+                            ).to_dict() == current.to_dict():
+            # The one change a resume takes: a lower learning rate, for a run that
+            # diverged (kept in run.json; command.txt records the command).
+            if lowered < current.optimizer.learning_rate:
+                settings = dataclasses.replace(settings, learning_rate=lowered)
+                continue
+            contradictions.append(
+                f"{flag_name(flag, assignment)} (a resume may only lower the learning "
+                f"rate; the run's is {current.optimizer.learning_rate:g})")
+            continue
+        contradictions.append(f"{flag_name(flag, assignment)} (not what the run's "
+                              "recipe.toml has)")
     if getattr(args, "epochs", None) is not None:
         if with_epochs(recipe, args.epochs).to_dict() != recipe.to_dict():
             contradictions.append(f"--epochs {args.epochs} (the run's recipe.toml differs)")
@@ -170,10 +187,16 @@ def train(args):
     else:
         print(f"non-chief worker of a multi-worker run: the chief writes the run directory "
               f"({out}); this worker's files go to a temporary directory")
-    result = runner.train_recipe(
-        recipe, out, strategy=strategy, resume=args.resume, data_dir=settings.data_dir,
-        seed=settings.seed, verbose=args.verbose, command=["keras-moe"] + sys.argv[1:],
-        settings=settings)
+    from keras_moe.training.callbacks import TrainingDiverged
+
+    try:
+        result = runner.train_recipe(
+            recipe, out, strategy=strategy, resume=args.resume, data_dir=settings.data_dir,
+            seed=settings.seed, verbose=args.verbose, command=["keras-moe"] + args.argv,
+            settings=settings)
+    except TrainingDiverged as error:
+        print(f"keras-moe train: error: {error}", file=sys.stderr)
+        return 1
     if not result.chief:
         print("training finished; the chief writes the report and the SavedModel")
         return 0

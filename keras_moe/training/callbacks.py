@@ -4,6 +4,8 @@
   epoch and warns when an expert collapses.
 - `GateDensityLogger`: logs a DeepMoE model's gate density (overall and per gated
   convolution) to TensorBoard and to the epoch logs.
+- `StopOnNonFiniteLoss`: stops training at the first batch whose loss is NaN or
+  infinite, before anything of that batch is written (`TrainingDiverged`).
 
 Both read the gates through the gate reader (`keras_moe.analysis.gates`);
 `gate_statistics` (re-exported here) gives the same numbers outside training.
@@ -20,6 +22,7 @@ from keras_moe.analysis import gates as gate_reader
 from keras_moe.analysis.gates import gate_statistics, moe_layers  # noqa: F401 (re-exported)
 
 __all__ = ["ExpertCollapseWarning", "ExpertUtilizationMonitor", "GateDensityLogger",
+           "StopOnNonFiniteLoss", "TrainingDiverged", "first_non_finite_term",
            "gate_statistics", "moe_layers", "write_scalar"]
 
 
@@ -193,3 +196,100 @@ class GateDensityLogger(keras.callbacks.Callback):
             for name, value in per_layer.items():
                 write_scalar(f"gate_density/{name}", float(value), step=epoch)
         self._writer.flush()
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite loss (or weights); nothing of it was written.
+
+    Attributes:
+        phase, epoch, batch: Where it happened (None where not known; epoch and batch
+            count from 1).
+        term: The first non-finite term of the loss, or None.
+    """
+
+    def __init__(self, message, *, phase=None, epoch=None, batch=None, term=None):
+        super().__init__(message)
+        self.phase, self.epoch, self.batch, self.term = phase, epoch, batch, term
+
+
+def first_non_finite_term(model, inputs):
+    """The first term of the training loss that is not finite on `inputs`, in the order
+    the forward pass computes them: each layer's `add_loss` terms (balancing losses,
+    DeepMoE's objective), then the model's output (the data loss's input). None if all
+    are finite.
+
+    Runs the model once in training mode (batch-norm statistics move: call it on a
+    model that is being given up, or restored afterwards).
+    """
+    from keras_moe import compat
+    from keras_moe.analysis import graph
+
+    outputs = model(inputs, training=True)
+    for layer in graph.layers(model):
+        own = compat.own_losses(layer)
+        for i, loss in enumerate(own):
+            value = float(keras.ops.convert_to_numpy(loss))
+            if not np.isfinite(value):
+                which = f" {i + 1} of {len(own)}" if len(own) > 1 else ""
+                return f"{layer.path}'s loss term{which} ({type(layer).__name__}) = {value}"
+    for output in keras.tree.flatten(outputs):
+        values = keras.ops.convert_to_numpy(output)
+        if not np.all(np.isfinite(values)):
+            return (f"the model's output (the data loss's input: "
+                    f"{int(np.size(values) - np.isfinite(values).sum())} non-finite values)")
+    return None
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Callback: stops `fit` at the first batch whose loss is NaN or infinite.
+
+    The loss `fit` logs is the total: the data loss plus every balancing term added with
+    `add_loss`, so one check catches any of them. It raises `TrainingDiverged` from that
+    batch's end, so no later callback runs for the epoch: no epoch backup, history row
+    or checkpoint of the diverged state is written, and `fit` (or `keras-moe train`,
+    which exits non-zero) stops loudly instead of saving NaN weights. With `probe`, the
+    message names the first non-finite term (`first_non_finite_term`).
+
+    Args:
+        probe: Inputs to find the first non-finite term on (None: not named).
+        phase: The phase's name, for the message.
+        hint: What to try, appended to the message.
+
+    Example:
+
+    >>> model.fit(x, y, epochs=5, callbacks=[StopOnNonFiniteLoss(probe=x[:64])])
+    """
+
+    def __init__(self, probe=None, phase=None, hint=None):
+        super().__init__()
+        self.probe, self.phase, self.hint = probe, phase, hint
+        self._epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        loss = float(keras.ops.convert_to_numpy(loss))
+        if np.isfinite(loss):
+            return
+        term = None
+        if self.probe is not None:
+            try:
+                term = first_non_finite_term(self.model, self.probe)
+            except Exception as error:  # the diagnosis must not hide the stop itself
+                term = f"(not found: {type(error).__name__}: {error})"
+        epoch = None if self._epoch is None else self._epoch + 1
+        where = ", ".join(part for part in (
+            f"phase {self.phase!r}" if self.phase else None,
+            f"epoch {epoch}" if epoch is not None else None, f"batch {batch + 1}") if part)
+        message = f"training diverged in {where}: the loss is {loss}"
+        if term:
+            message += f"; first non-finite term: {term}"
+        message += "; nothing of it was saved"
+        if self.hint:
+            message += f"; {self.hint}"
+        raise TrainingDiverged(message, phase=self.phase, epoch=epoch, batch=batch + 1,
+                               term=term)

@@ -503,6 +503,23 @@ class GateDensityTarget(keras.callbacks.Callback):
         self.records.append(DensityRecord(self._seen, density, gate_l1, target))
         return density, gate_l1
 
+    def get_state(self):
+        """The controller's state for an epoch backup (`keras_moe.training.run_dir`):
+        its readings, batch count, latch and the last two gate snapshots, without which
+        a resumed run would restart the ramp, shift the reading schedule and lose the
+        lookahead."""
+        return {"records": [list(record) for record in self.records],
+                "reached": self.reached, "seen": self._seen,
+                "gates": self._gates, "previous_gates": self._previous_gates}
+
+    def set_state(self, state):
+        """Restores `get_state()` (lambda itself is a model variable, restored with the
+        weights)."""
+        self.records = [DensityRecord(*record) for record in state["records"]]
+        self.reached = bool(state["reached"])
+        self._seen = int(state["seen"])
+        self._gates, self._previous_gates = state["gates"], state["previous_gates"]
+
     def on_train_begin(self, logs=None):
         _require_deepmoe(self.model)
         if self.initial_gate_l1 is not None and not self.records:

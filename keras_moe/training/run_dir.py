@@ -8,7 +8,9 @@ command.txt         the command line that started it (and each resume)
 logs/               TensorBoard: losses, metrics, expert utilisation, gate density
 history.jsonl       one line per finished epoch: phase, epoch, logs
 backup/<phase>/     epoch-<E>.weights.h5 (weights and optimizer state after E epochs) and
-                    epoch-<E>.settings.json (layer settings that are not weights)
+                    epoch-<E>.state.json (what else changes training: layer settings,
+                    random generators' states, callbacks' state such as DeepMoE's
+                    density controller)
 checkpoints/<phase>.keras   the model (with optimizer state) after each finished phase
 model.keras         the trained model
 report.txt, report.json, report.png   the final report (see keras_moe.analysis.report)
@@ -42,8 +44,10 @@ import keras
 from keras_moe import recipes as _recipes
 
 __all__ = ["BackupState", "EpochBackup", "HistoryWriter", "RunDirectoryError", "RunSettings",
-           "atomic_write", "default_run_dir", "finished_phases", "phase_slug",
-           "prepare_run_dir", "read_history", "read_settings", "save_model"]
+           "atomic_write", "check_finite", "default_run_dir", "finished_phases",
+           "non_finite_weights", "phase_slug", "prepare_run_dir", "read_history",
+           "read_settings", "restore_training_state", "save_model", "training_state",
+           "write_settings"]
 
 SETTINGS_FILE = "run.json"
 
@@ -136,6 +140,8 @@ class RunSettings:
         export: Whether the run exports a SavedModel when it finishes.
         gates: Whether the SavedModel also returns the gates.
         classify: Test images classified with the SavedModel in a fresh process.
+        learning_rate: The learning rate a resume lowered the run's to (None: the
+            recipe's): the one change `--resume` accepts, for a run that diverged.
         processes: How many processes train it (`--num-processes`, expert_parallel).
     """
 
@@ -147,6 +153,7 @@ class RunSettings:
     export: bool = True
     gates: bool = False
     classify: int = 8
+    learning_rate: float = None
     processes: int = 1
 
     @classmethod
@@ -156,6 +163,12 @@ class RunSettings:
         if unknown:
             raise RunDirectoryError(f"{source}: unknown run settings {unknown}")
         return cls(**table)
+
+
+def write_settings(run_dir, settings):
+    """Writes `run.json` (atomically)."""
+    atomic_write(pathlib.Path(run_dir) / SETTINGS_FILE,
+                 json.dumps(dataclasses.asdict(settings), indent=2))
 
 
 def read_settings(run_dir):
@@ -210,7 +223,7 @@ def prepare_run_dir(run_dir, recipe, *, resume=False, settings=None):
         raise RunDirectoryError(f"{str(run_dir)!r} exists and is not empty; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = settings or RunSettings()
-    atomic_write(run_dir / SETTINGS_FILE, json.dumps(dataclasses.asdict(settings), indent=2))
+    write_settings(run_dir, settings)
     _recipes.save_recipe(recipe, saved, header=f"keras-moe run of {recipe.origin}")
     return recipe, settings
 
@@ -282,7 +295,8 @@ def read_history(run_dir):
 # Epoch backups ---------------------------------------------------------------------------
 
 _BACKUP = re.compile(r"^epoch-(\d+)\.weights\.h5$")
-_BACKUP_FILE = re.compile(r"^epoch-(\d+)\.(?:weights\.h5|settings\.json)$")
+# `.settings.json`: the state file of backups written before callback state was kept.
+_BACKUP_FILE = re.compile(r"^epoch-(\d+)\.(?:weights\.h5|state\.json|settings\.json)$")
 _SETTING_TYPES = (bool, int, float, str)
 
 
@@ -317,6 +331,141 @@ def _restore_layer_settings(model, settings):
                 setattr(layer, key, value)
 
 
+def _state_variables(model):
+    """`{layer path:attribute: state variable}` of every random generator of the model
+    (gate noise, dropout): `save_weights` leaves their states out, and a resumed run
+    must continue their counters, or it would draw the noise of the run's first steps
+    again. Keyed by the layer's path, not the variable's (Keras numbers generators
+    per process: a second model built in one process has other variable paths)."""
+    from keras_moe.analysis import graph
+
+    found = {}
+    for layer in graph.layers(model):
+        for name, value in vars(layer).items():
+            if isinstance(value, keras.random.SeedGenerator):
+                found[f"{_layer_key(layer)}:{name}"] = value.state
+    return found
+
+
+def to_json_value(value):
+    """A callback state's value in JSON: numpy arrays (and their scalars) kept exactly
+    (their bytes in base64, with dtype and shape: a gate snapshot has 10^5 values);
+    tuples as lists; everything else as JSON has it."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value)
+        return {"__ndarray__": base64.b64encode(data.tobytes()).decode("ascii"),
+                "dtype": data.dtype.str, "shape": list(data.shape)}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v) for v in value]
+    return value
+
+
+def from_json_value(value):
+    """The inverse of `to_json_value` (lists stay lists)."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        if set(value) == {"__ndarray__", "dtype", "shape"}:
+            data = base64.b64decode(value["__ndarray__"])
+            return np.frombuffer(data, dtype=value["dtype"]).reshape(value["shape"]).copy()
+        return {k: from_json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json_value(v) for v in value]
+    return value
+
+
+def _stateful(callbacks):
+    """`{key: callback}` of the callbacks that keep training state (`get_state` and
+    `set_state`), keyed by class name and occurrence (`GateDensityTarget`,
+    `GateDensityTarget#2`, ...) so that a resumed run's callbacks find their own."""
+    found, seen = {}, {}
+    for callback in callbacks:
+        if not (callable(getattr(callback, "get_state", None))
+                and callable(getattr(callback, "set_state", None))):
+            continue
+        name = type(callback).__name__
+        seen[name] = seen.get(name, 0) + 1
+        found[name if seen[name] == 1 else f"{name}#{seen[name]}"] = callback
+    return found
+
+
+def training_state(model, callbacks=()):
+    """Everything that changes training and is not in `save_weights`' file, as JSON:
+    layer settings (a t-SNE gate's temperature), the random generators' states and the
+    state of every callback that has `get_state()` (a density controller's counters)."""
+    import numpy as np
+
+    return {
+        "layers": _layer_settings(model),
+        "random": {path: to_json_value(np.asarray(keras.ops.convert_to_numpy(v)))
+                   for path, v in _state_variables(model).items()},
+        "callbacks": {key: to_json_value(callback.get_state())
+                      for key, callback in _stateful(callbacks).items()},
+    }
+
+
+def restore_training_state(model, state, callbacks=()):
+    """Puts a `training_state` back (a state written before callback state was kept is
+    `{layer path: settings}` alone).
+
+    Raises:
+        RunDirectoryError: A callback has state and the backup has none for it: the
+            backup is of another run's callbacks. (State without its callback is left:
+            a phase restored whole from its last backup trains no further epoch.)
+    """
+    if "layers" not in state:  # an older backup's .settings.json
+        _restore_layer_settings(model, state)
+        return
+    _restore_layer_settings(model, state["layers"])
+    variables = _state_variables(model)
+    if set(variables) != set(state["random"]):
+        raise RunDirectoryError(
+            f"the backup's random generators {sorted(state['random'])} are not the "
+            f"model's {sorted(variables)}: it is another model's backup")
+    for key, value in state["random"].items():
+        variables[key].assign(from_json_value(value))
+    stateful = _stateful(callbacks)
+    saved = state["callbacks"]
+    missing = sorted(set(stateful) - set(saved))
+    if missing:
+        raise RunDirectoryError(
+            f"the backup holds no state for the callbacks {missing} (it has "
+            f"{sorted(saved) or 'none'}): it was written by another run's callbacks")
+    for key, callback in stateful.items():
+        callback.set_state(from_json_value(saved[key]))
+
+
+def _state_path(weights_path):
+    return pathlib.Path(str(weights_path).replace(".weights.h5", ".state.json"))
+
+
+def _readable_state(weights_path):
+    """`(state, None)` for a backup's state file that reads back, else `(None, why)`; an
+    older backup's `.settings.json` (layer settings alone) counts, and a backup of that
+    age without it has an empty state."""
+    path = _state_path(weights_path)
+    if not path.exists():
+        older = pathlib.Path(str(weights_path).replace(".weights.h5", ".settings.json"))
+        if older.exists():
+            path = older
+        else:
+            return None, f"its state file {path.name} is missing"
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError) as error:
+        return None, f"its state file {path.name} does not read ({type(error).__name__}: {error})"
+
+
 def _readable_weights(path):
     """None if `path` is a complete HDF5 weights file, else why not."""
     import h5py
@@ -334,7 +483,8 @@ def _readable_weights(path):
 
 @dataclasses.dataclass
 class BackupState:
-    """The newest readable epoch backup of a phase (None: start the phase afresh).
+    """The newest epoch backup of a phase that reads back whole (None: start the phase
+    afresh): its weights file and its state file.
 
     Attributes:
         path: The `.weights.h5` file to restore, or None.
@@ -357,7 +507,7 @@ class BackupState:
                     found.append((int(match.group(1)), item))
         state = cls()
         for epoch, path in sorted(found, reverse=True):
-            why = _readable_weights(path)
+            why = _readable_weights(path) or _readable_state(path)[1]
             if why is None:
                 state.path, state.epoch = path, epoch
                 break
@@ -376,44 +526,91 @@ class BackupState:
         return lines
 
 
-class EpochBackup(keras.callbacks.Callback):
-    """Saves weights and optimizer state after every epoch, atomically; restores a backup.
+def non_finite_weights(model):
+    """Paths of the model's variables (weights and optimizer state) that hold a NaN or
+    an infinity."""
+    import numpy as np
 
-    After epoch E (0-based) it writes `epoch-<E+1>.settings.json` (layer settings that
-    are not weights, e.g. a t-SNE gate's temperature, which a phase's start sets) and
-    `epoch-<E+1>.weights.h5` (each through a temporary file and a rename), and only then
-    deletes the backups older than the one before it: at every moment the last complete
-    backup, and the one before it, are on disk. With `restore` (a `BackupState.path`) it
-    loads that backup when training begins.
+    from keras_moe.expert_parallel import host_readable
+
+    variables = list(model.weights)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    with host_readable(model):  # weights split over processes read whole
+        return [v.path for v in variables
+                if np.issubdtype(np.dtype(v.dtype), np.floating)
+                and not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
+
+
+def check_finite(model, what):
+    """Refuses to write `what` from a model with non-finite weights.
+
+    Raises:
+        TrainingDiverged: Naming the first such variables.
+    """
+    from keras_moe.training.callbacks import TrainingDiverged
+
+    bad = non_finite_weights(model)
+    if bad:
+        raise TrainingDiverged(
+            f"not writing {what}: {len(bad)} variable(s) hold NaN or infinity "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the last good backup "
+            "is kept")
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """Saves the training state after every epoch, atomically; restores a backup.
+
+    After epoch E (0-based) it writes `epoch-<E+1>.state.json` (`training_state`: layer
+    settings, random generators, and the `get_state()` of every callback in `stateful`)
+    and `epoch-<E+1>.weights.h5` (weights and optimizer state), each through a
+    temporary file and a rename; the weights file is written last and marks the backup
+    complete. Only then are the backups older than the one before it deleted: at every
+    moment the last complete backup, and the one before it, are on disk. A model whose
+    weights are not finite is never written (`TrainingDiverged`). With `restore` (a
+    `BackupState.path`) it loads that backup when training begins, and hands each
+    stateful callback its state (`set_state`) after that callback's own
+    `on_train_begin` when the callback comes before this one in `fit`'s list (the
+    runner puts every other callback before it).
+
+    A callback opts in by defining `get_state()` (a JSON-able dict; numpy arrays are
+    kept exactly) and `set_state(state)`.
 
     Args:
         backup_dir: The phase's backup folder.
         restore: A backup file to restore in `on_train_begin`, or None.
+        stateful: The run's other callbacks (those without `get_state` are ignored).
+        after_restore: `after_restore(model)`, called once a backup is restored (the
+            runner sets a resume's lowered learning rate there).
     """
 
-    def __init__(self, backup_dir, restore=None):
+    def __init__(self, backup_dir, restore=None, stateful=(), after_restore=None):
         super().__init__()
         self.backup_dir = pathlib.Path(backup_dir)
         self.restore = restore
+        self.stateful = [c for c in stateful if c is not self]
+        self.after_restore = after_restore
 
     def on_train_begin(self, logs=None):
         if self.restore is None:
             return
+        state, why = _readable_state(self.restore)
+        if why is not None:
+            raise RunDirectoryError(f"backup {self.restore}: {why}")
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         self.model.load_weights(self.restore)
-        settings = pathlib.Path(str(self.restore).replace(".weights.h5", ".settings.json"))
-        if settings.exists():
-            _restore_layer_settings(self.model, json.loads(settings.read_text()))
+        restore_training_state(self.model, state, self.stateful)
+        if self.after_restore is not None:
+            self.after_restore(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
+        check_finite(self.model, f"the backup of epoch {epoch + 1}")
         self.backup_dir.mkdir(parents=True, exist_ok=True)
         done = epoch + 1
-        # The layer settings a phase may change without a weight (a t-SNE gate's
-        # temperature), then the weights: the weights file marks the backup complete.
-        atomic_write(self.backup_dir / f"epoch-{done}.settings.json",
-                     json.dumps(_layer_settings(self.model)))
+        atomic_write(self.backup_dir / f"epoch-{done}.state.json",
+                     json.dumps(training_state(self.model, self.stateful)))
         save_weights(self.model, self.backup_dir / f"epoch-{done}.weights.h5")
         for item in self.backup_dir.iterdir():
             match = _BACKUP_FILE.match(item.name)

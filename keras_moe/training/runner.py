@@ -49,10 +49,12 @@ from keras_moe import expert_parallel
 from keras_moe import recipes as _recipes
 from keras_moe.recipes import RecipeError
 from keras_moe.training import run_dir as _run_dir
+from keras_moe.training.callbacks import StopOnNonFiniteLoss
 from keras_moe.training.datasets import RecipeData, build_datasets
 from keras_moe.training.phases import check_phase_settings, run_phases
 
-__all__ = ["TrainResult", "build_model", "compile_model", "check_batch_fits_mesh", "for_static_shapes", "is_chief",
+__all__ = ["TrainResult", "build_model", "compile_model", "check_batch_fits_mesh",
+           "divergence_hint", "for_static_shapes", "is_chief", "learning_rate",
            "load_run_model", "make_optimizer", "train_recipe"]
 
 
@@ -126,19 +128,23 @@ def check_batch_fits_mesh(recipe, distribution):
             f"--batch-size {max(devices, recipe.data.batch_size // devices * devices)}.")
 
 
-def make_optimizer(recipe, steps_per_epoch):
-    """The recipe's optimizer, with its learning-rate schedule in optimizer steps."""
+def learning_rate(recipe, steps_per_epoch):
+    """The recipe's learning rate: a float, or its schedule in optimizer steps."""
     spec, schedule = recipe.optimizer, recipe.schedule
-    learning_rate = spec.learning_rate
     total_steps = recipe.total_epochs * steps_per_epoch
     if schedule.name == "step" and schedule.boundaries:  # no boundary left: constant
         boundaries = [b * steps_per_epoch for b in schedule.boundaries]
         values = [spec.learning_rate * schedule.factor ** i for i in range(len(boundaries) + 1)]
-        learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
-    elif schedule.name == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(spec.learning_rate,
-                                                               max(total_steps, 1))
-    common = {"learning_rate": learning_rate}
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    if schedule.name == "cosine":
+        return keras.optimizers.schedules.CosineDecay(spec.learning_rate, max(total_steps, 1))
+    return spec.learning_rate
+
+
+def make_optimizer(recipe, steps_per_epoch):
+    """The recipe's optimizer, with its learning-rate schedule in optimizer steps."""
+    spec = recipe.optimizer
+    common = {"learning_rate": learning_rate(recipe, steps_per_epoch)}
     if spec.clipnorm:
         common["clipnorm"] = spec.clipnorm
     if spec.weight_decay:
@@ -161,6 +167,13 @@ def compile_model(model, recipe, steps_per_epoch):
         metrics=["accuracy"],
     )
     return model
+
+
+def divergence_hint(recipe, run_dir):
+    """What to try after a diverged run: a resume with a tenth of the learning rate."""
+    lower = f"{recipe.optimizer.learning_rate / 10:.3g}"
+    return (f"lower the learning rate (now {recipe.optimizer.learning_rate:g}): keras-moe "
+            f"train --out {run_dir} --resume --set optimizer.learning_rate={lower}")
 
 
 def phase_callbacks(model, run_dir, phase, data):
@@ -295,7 +308,9 @@ def _train_recipe(recipe, run_dir, *, strategy, resume, data_dir, seed, verbose,
     from keras_moe.training.custom_loop import fit_distributed
 
     run_dir = pathlib.Path(run_dir)
-    recipe, _ = _run_dir.prepare_run_dir(run_dir, recipe, resume=resume, settings=settings)
+    recipe, stored = _run_dir.prepare_run_dir(run_dir, recipe, resume=resume, settings=settings)
+    if resume and settings is not None and stored is not None and settings != stored:
+        _run_dir.write_settings(run_dir, settings)  # a resume's lowered learning rate
     with open(run_dir / "command.txt", "a") as f:
         f.write(" ".join(shlex.quote(a) for a in (command or sys.argv)) + "\n")
     _remove_partials(run_dir)
@@ -307,14 +322,24 @@ def _train_recipe(recipe, run_dir, *, strategy, resume, data_dir, seed, verbose,
         recipe = for_static_shapes(recipe)
     if isinstance(strategy, expert_parallel.ExpertParallel):
         check_batch_fits_mesh(recipe, strategy)
+    if settings is not None and settings.learning_rate is not None:
+        # A resume that lowered the learning rate (run.json keeps it; recipe.toml stays
+        # as the run was started).
+        recipe = recipe.override([f"optimizer.learning_rate={settings.learning_rate!r}"])
     data = build_datasets(recipe, data_dir=data_dir, seed=seed, drop_remainder=static)
     family = zoo.get_family(recipe.model.name)
+
+    def set_learning_rate(model):
+        if settings is not None and settings.learning_rate is not None:
+            model.optimizer.learning_rate = learning_rate(recipe, data.steps_per_epoch)
 
     with strategy.scope():
         done, model, notes = _run_dir.finished_phases(run_dir, recipe.phases)
         if model is None:
             model = build_model(recipe, data)
             compile_model(model, recipe, data.steps_per_epoch)
+        else:  # a phase checkpoint's optimizer has the learning rate it was saved with
+            set_learning_rate(model)
     backups = {}
     for index, phase in enumerate(recipe.phases):
         backup = run_dir / "backup" / _run_dir.phase_slug(index, phase)
@@ -333,13 +358,20 @@ def _train_recipe(recipe, run_dir, *, strategy, resume, data_dir, seed, verbose,
         if state.epoch is not None:
             start = max(start, min(state.epoch, stop))
         backup_dir = run_dir / "backup" / _run_dir.phase_slug(index, phase)
-        backup = _run_dir.EpochBackup(backup_dir, restore=state.path)
+        # First, so that a diverged batch stops the epoch before any callback writes.
+        stop_on_nan = StopOnNonFiniteLoss(probe=data.probe, phase=phase.name,
+                                          hint=divergence_hint(recipe, run_dir))
+        # Every other callback before the backup: their state is saved after their own
+        # epoch-end updates and restored after their own on_train_begin.
+        others = ([stop_on_nan] + callbacks + phase_callbacks(model, run_dir, phase, data)
+                  + list(extra_callbacks))
+        backup = _run_dir.EpochBackup(backup_dir, restore=state.path, stateful=others,
+                                      after_restore=set_learning_rate)
         if start >= stop:  # the backup holds the whole phase: restore it, train nothing
             backup.set_model(model)
             backup.on_train_begin()
             return None
-        callbacks = (callbacks + phase_callbacks(model, run_dir, phase, data) + [backup]
-                     + list(extra_callbacks))
+        callbacks = others + [backup]
         train = data.train_epochs(start, stop)
         if multi_worker:  # model.fit fails under this strategy (Keras 3.15)
             return fit_distributed(model, train, strategy=strategy,
@@ -351,6 +383,7 @@ def _train_recipe(recipe, run_dir, *, strategy, resume, data_dir, seed, verbose,
                          verbose=verbose, shuffle=False)  # shuffled per epoch above
 
     def after_phase(index, phase):
+        _run_dir.check_finite(model, f"the checkpoint of phase {phase.name!r}")
         checkpoints = run_dir / "checkpoints"
         checkpoints.mkdir(exist_ok=True)
         _run_dir.save_model(model, checkpoints / f"{_run_dir.phase_slug(index, phase)}.keras")
@@ -363,6 +396,7 @@ def _train_recipe(recipe, run_dir, *, strategy, resume, data_dir, seed, verbose,
                    restored_phases=done, resumed=set(i for i, s in backups.items() if s.path),
                    after_phase=after_phase, verbose=1 if verbose else 0)
     seconds = time.perf_counter() - start_time
+    _run_dir.check_finite(model, "model.keras")
     _run_dir.save_model(model, run_dir / "model.keras")
     if multi_worker or getattr(strategy, "num_processes", 1) > 1:
         # A model that Keras's evaluate and predict can use in this process alone.

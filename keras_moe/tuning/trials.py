@@ -129,6 +129,7 @@ class RecipeHyperModel(keras_tuner.HyperModel):
         `model.fit` runs with `fit_verbose`.
         """
         from keras_moe import zoo
+        from keras_moe.training.callbacks import StopOnNonFiniteLoss
         from keras_moe.training.phases import run_phases
 
         recipe = self.trial_recipe(hp)
@@ -139,6 +140,10 @@ class RecipeHyperModel(keras_tuner.HyperModel):
             model.optimizer.iterations.assign(initial_epoch * data.steps_per_epoch)
 
         def fit_phase(index, phase, start, stop, phase_callbacks):
+            # A trial that diverges raises TrainingDiverged: keras-tuner records it as a
+            # failed trial (with the message) and the search goes on.
+            phase_callbacks = [StopOnNonFiniteLoss(probe=data.probe, phase=phase.name)
+                               ] + list(phase_callbacks)
             return model.fit(data.train_epochs(start, stop), steps_per_epoch=data.steps_per_epoch,
                              validation_data=data.validation, initial_epoch=start, epochs=stop,
                              callbacks=phase_callbacks, verbose=self.fit_verbose,

@@ -12,7 +12,16 @@ The points are where a crash can interrupt a run (the N-th occurrence, counted f
 - `checkpoint-mid-write`: while the N-th `.keras` file (phase checkpoints, then
   `model.keras`) is being written;
 - `before-backup-cleanup`: a phase's checkpoint is safe, its backups not yet deleted
-  (the N-th such deletion).
+  (the N-th such deletion);
+- `after-backup`: the N-th epoch backup is complete (an epoch boundary: the next epoch
+  has not begun);
+- `mid-epoch`: after the N-th training batch (counted over the whole run), inside an
+  epoch;
+- `between-state-and-weights`: the N-th epoch backup's state file is written, its
+  weights file not yet begun;
+- `poison-weights`: not a kill: after the N-th training batch every trainable weight
+  is made infinite, so the next batch's loss is not finite (a run made to diverge
+  after a good epoch; it must stop by itself, exit 1).
 
 The hooks wrap this package's and h5py's functions; nothing in the package knows about
 them. With a point that is never reached the run finishes normally (exit 0); a killed
@@ -98,6 +107,37 @@ def install(point, n):
             return rmtree(path, *args, **kwargs)
 
         shutil.rmtree = killing_rmtree
+    elif point == "after-backup":
+        on_epoch_end = run_dir.EpochBackup.on_epoch_end
+
+        def killing_on_epoch_end(self, epoch, logs=None):
+            on_epoch_end(self, epoch, logs)
+            if reached():
+                _die()
+
+        run_dir.EpochBackup.on_epoch_end = killing_on_epoch_end
+    elif point == "between-state-and-weights":
+        save_weights = run_dir.save_weights
+
+        def killing_save_weights(model, path):
+            if reached():
+                _die()
+            return save_weights(model, path)
+
+        run_dir.save_weights = killing_save_weights
+    elif point == "poison-weights":
+        def poisoning_on_train_batch_end(self, batch, logs=None):
+            if reached():
+                for variable in self.model.trainable_variables:
+                    variable.assign(variable + float("inf"))
+
+        run_dir.EpochBackup.on_train_batch_end = poisoning_on_train_batch_end
+    elif point == "mid-epoch":
+        def killing_on_train_batch_end(self, batch, logs=None):
+            if reached():
+                _die()
+
+        run_dir.EpochBackup.on_train_batch_end = killing_on_train_batch_end
     else:
         raise SystemExit(f"unknown point {point!r}")
 

@@ -134,3 +134,48 @@ def test_argument_errors():
         ExpertUtilizationMonitor("logs", probe=np.zeros((1, 2)), collapse_threshold=2.0)
     with pytest.raises(ValueError, match="every_n_epochs"):
         ExpertUtilizationMonitor("logs", probe=np.zeros((1, 2)), every_n_epochs=0)
+
+
+class _LossOfLog(keras.layers.Layer):
+    """Adds log(mean(x) - shift) as a loss in training: NaN once the mean is below it."""
+
+    def __init__(self, shift, **kwargs):
+        super().__init__(**kwargs)
+        self.shift = shift
+
+    def call(self, x, training=None):
+        if training:
+            self.add_loss(keras.ops.log(keras.ops.mean(x) - self.shift))
+        return x
+
+
+@pytest.mark.multi_backend
+def test_stop_on_non_finite_loss_stops_at_the_first_bad_batch_and_names_the_term():
+    from keras_moe.training.callbacks import StopOnNonFiniteLoss, TrainingDiverged
+
+    inputs = keras.Input((2,))
+    hidden = _LossOfLog(0.0, name="finite_term")(inputs)
+    hidden = _LossOfLog(10.0, name="nan_term")(hidden)  # mean 1 - 10 < 0: log is NaN
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(hidden))
+    model.compile("sgd", "mse")
+    x, y = np.ones((8, 2), "float32"), np.zeros((8, 1), "float32")
+    backup_ran = []
+    later = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: backup_ran.append(e))
+    stop = StopOnNonFiniteLoss(probe=x[:4], phase="joint", hint="lower the learning rate")
+    with pytest.raises(TrainingDiverged) as caught:
+        model.fit(x, y, batch_size=4, epochs=2, callbacks=[stop, later], verbose=0)
+    error = caught.value
+    assert (error.phase, error.epoch, error.batch) == ("joint", 1, 1)
+    assert str(error).startswith("training diverged in phase 'joint', epoch 1, batch 1: "
+                                 "the loss is nan; first non-finite term: nan_term's loss")
+    assert str(error).endswith("nothing of it was saved; lower the learning rate")
+    assert backup_ran == []  # no epoch end ran after the stop
+
+    # All finite: nothing is named, and fit runs through.
+    inputs = keras.Input((2,))
+    fine = keras.Model(inputs, keras.layers.Dense(1)(_LossOfLog(0.0)(inputs)))
+    fine.compile("sgd", "mse")
+    from keras_moe.training.callbacks import first_non_finite_term
+
+    assert first_non_finite_term(fine, x) is None
+    fine.fit(x, y, batch_size=4, epochs=1, callbacks=[StopOnNonFiniteLoss(probe=x)], verbose=0)

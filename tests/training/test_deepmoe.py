@@ -377,3 +377,49 @@ def test_density_target_logs_each_epochs_lowest_reading():
     assert [r.batch for r in later.records] == [6, 12]
     assert logs["gate_density_min"] == pytest.approx([0.4, 0.3, 0.3])
     assert len(logs["gate_density_min"]) == len(logs["gate_density"])
+
+
+def test_density_target_state_continues_the_rule_after_a_json_round_trip():
+    """What an epoch backup keeps of the controller (get_state through the run
+    directory's JSON): a controller restored mid-run takes the same steps as the one
+    that never stopped (ramp position, latch, the lookahead's last reading)."""
+    import json
+
+    from keras_moe.training import run_dir
+
+    readings = [0.9, 0.8, 0.7, 0.45, 0.5, 0.6, 0.65, 0.55]
+    rule = dict(every=2, ramp=8, lookahead=3, latch=True, min_gate_l1=1e-3,
+                max_gate_l1=100.0)
+
+    def controller(values):
+        it = iter(values)
+        return training.GateDensityTarget(0.5, density_fn=lambda m: next(it), **rule)
+
+    def batches(callback, count):
+        for batch in range(count):
+            callback.on_train_batch_end(batch)
+
+    whole_model, whole = tiny(gate_l1=0.2), controller(readings)
+    whole.set_model(whole_model)
+    whole.on_train_begin()
+    batches(whole, 16)
+
+    first_model, first = tiny(gate_l1=0.2), controller(readings[:4])
+    first.set_model(first_model)
+    first.on_train_begin()
+    batches(first, 8)
+    saved = json.loads(json.dumps(run_dir.to_json_value(first.get_state())))
+    resumed_model, resumed = tiny(gate_l1=first_model.gate_l1), controller(readings[4:])
+    resumed.set_model(resumed_model)
+    resumed.set_state(run_dir.from_json_value(saved))
+    resumed.on_train_begin()
+    batches(resumed, 8)
+    assert resumed.records == whole.records
+    assert resumed.reached and resumed._seen == 16
+    assert resumed_model.gate_l1 == pytest.approx(whole_model.gate_l1, rel=1e-7)
+    # Without the state, the restarted ramp and lookahead take other steps.
+    fresh_model, fresh = tiny(gate_l1=first_model.gate_l1), controller(readings[4:])
+    fresh.set_model(fresh_model)
+    fresh.on_train_begin()
+    batches(fresh, 8)
+    assert fresh_model.gate_l1 != pytest.approx(whole_model.gate_l1, rel=1e-3)

@@ -40,7 +40,7 @@ def test_backups_keep_the_previous_one_and_a_damaged_newest_falls_back(tmp_path)
     for epoch in range(3):
         backup.on_epoch_end(epoch)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
-        "epoch-2.settings.json", "epoch-2.weights.h5", "epoch-3.settings.json",
+        "epoch-2.state.json", "epoch-2.weights.h5", "epoch-3.state.json",
         "epoch-3.weights.h5"]
     state = run_dir.BackupState.find(tmp_path / "b")
     assert state.epoch == 3 and not state.skipped
@@ -152,3 +152,118 @@ def test_restored_settings_stay_with_their_own_layer(tmp_path):
     assert [(m.gate.num_experts, m.gate.hidden_units) for m in moe] == [(3, 6), (2, 4)]
     other.save(tmp_path / "m.keras")
     keras.saving.load_model(tmp_path / "m.keras")
+
+
+class _Counter(keras.callbacks.Callback):
+    """A callback with training state: batches seen and a float32 array."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.values = 0, np.zeros(3, "float32")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        self.values = self.values + np.float32(np.pi)
+
+    def get_state(self):
+        return {"seen": self.seen, "values": self.values, "nested": [(1, 2.5)]}
+
+    def set_state(self, state):
+        self.seen, self.values = state["seen"], state["values"]
+        self.nested = state["nested"]
+
+
+class _Noisy(keras.layers.Layer):
+    """Adds gate-like noise from its own random generator in training."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.noise = keras.random.SeedGenerator(7)
+
+    def call(self, x, training=None):
+        return x + keras.random.normal(keras.ops.shape(x), seed=self.noise) if training else x
+
+
+def test_a_backup_carries_callback_state_and_random_generators_exactly(tmp_path):
+    """Callbacks opt in with get_state/set_state; the random generators' states, which
+    save_weights leaves out, are kept too: a resumed run draws the noise the
+    uninterrupted one would have drawn next, not its first again."""
+    def build():
+        inputs = keras.Input((3,))
+        noisy = _Noisy(name="noisy")  # paths of one model, built twice in one process
+        model = keras.Model(inputs, keras.layers.Dense(2, name="out")(noisy(inputs)))
+        model.compile("sgd", "mse")
+        return model
+
+    x, y = np.ones((8, 3), "float32"), np.zeros((8, 2), "float32")
+    model, counter = build(), _Counter()
+    backup = run_dir.EpochBackup(tmp_path / "b", stateful=[counter, keras.callbacks.History()])
+    model.fit(x, y, batch_size=4, epochs=2, callbacks=[counter, backup], verbose=0,
+              shuffle=False)
+    state = json.loads((tmp_path / "b" / "epoch-2.state.json").read_text())
+    assert sorted(state) == ["callbacks", "layers", "random"]
+    assert list(state["callbacks"]) == ["_Counter"]  # History has no state to keep
+    noisy = model.layers[1]
+    next_noise = keras.ops.convert_to_numpy(noisy(x, training=True))
+
+    other, fresh = build(), _Counter()
+    restore = run_dir.EpochBackup(tmp_path / "b", stateful=[fresh],
+                                  restore=run_dir.BackupState.find(tmp_path / "b").path)
+    restore.set_model(other)
+    restore.on_train_begin()
+    assert fresh.seen == 4 and fresh.nested == [[1, 2.5]]
+    np.testing.assert_array_equal(fresh.values, counter.values)  # float32, bit for bit
+    assert fresh.values.dtype == np.float32
+    for a, b in zip(other.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # The same noise the first model draws next (a fresh generator starts elsewhere).
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(other.layers[1](x, training=True)),
+                                  next_noise)
+
+    # A run whose callbacks have state the backup lacks is refused, named.
+    class Other(_Counter):
+        pass
+
+    stranger = run_dir.EpochBackup(tmp_path / "b", stateful=[Other()],
+                                   restore=run_dir.BackupState.find(tmp_path / "b").path)
+    stranger.set_model(build())
+    with pytest.raises(run_dir.RunDirectoryError, match=r"no state for the callbacks \['Other'\]"):
+        stranger.on_train_begin()
+
+
+def test_a_backup_whose_state_file_is_missing_or_damaged_is_skipped_with_the_reason(tmp_path):
+    model = _model()
+    backup = run_dir.EpochBackup(tmp_path / "b")
+    backup.set_model(model)
+    for epoch in range(2):
+        backup.on_epoch_end(epoch)
+    folder = tmp_path / "b"
+    (folder / "epoch-2.state.json").write_text('{"layers": {')  # damaged on disk
+    state = run_dir.BackupState.find(folder)
+    assert state.epoch == 1
+    assert "state file epoch-2.state.json does not read" in state.skipped[0][1]
+    (folder / "epoch-2.state.json").unlink()
+    state = run_dir.BackupState.find(folder)
+    assert state.epoch == 1 and "epoch-2.state.json is missing" in state.skipped[0][1]
+    # A kill between the two files of a backup leaves the state file alone: the backup
+    # before it is the one restored, whole.
+    (folder / "epoch-2.weights.h5").unlink()
+    run_dir.atomic_write(folder / "epoch-2.state.json", "{}")
+    state = run_dir.BackupState.find(folder)
+    assert state.epoch == 1 and not state.skipped
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    from keras_moe.training.callbacks import TrainingDiverged
+
+    model = _model()
+    backup = run_dir.EpochBackup(tmp_path / "b")
+    backup.set_model(model)
+    backup.on_epoch_end(0)
+    kernel = model.layers[1].kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    with pytest.raises(TrainingDiverged, match=r"not writing the backup of epoch 2: 1 "
+                                               r"variable\(s\) hold NaN or infinity \(dense"):
+        backup.on_epoch_end(1)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "epoch-1.state.json", "epoch-1.weights.h5"]
