@@ -18,6 +18,14 @@ model built under the distribution's `scope()`
 The partitioning itself is XLA's SPMD partitioner's: this module only places weights and
 annotates the dispatch buffers (`shard_dispatch`); it writes no communication of its own.
 
+Several processes (machines): `initialize(...)` in each (Keras's
+`keras.distribution.initialize` with checked settings, gloo CPU collectives and bounded
+waits), then the same code as on one: the mesh spans every process's devices, the
+expert axis laid across processes first, each process keeps its blocks of every global
+batch (`ExpertParallel.distribute_dataset`), and `gathered` / `host_readable` read the
+weights that no process holds whole (tests: `tests/test_expert_parallel.py`, two
+processes on 127.0.0.1).
+
 Keras's distribution API runs on JAX (its TensorFlow version is a prototype): on other
 backends `expert_parallel` raises. TensorFlow users place experts on devices with
 `MoEDense(expert_devices=[...])` instead.
