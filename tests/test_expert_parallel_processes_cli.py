@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.multi_backend, pytest.mark.slow,
 
 TIMEOUT = 240  # seconds for any one run; the processes are killed past it
 PROCESS_TIMEOUT = 10  # --process-timeout: the survivor's bound is this plus start-up slack
-EPOCHS = 3
+EPOCHS = 2
 
 
 def _worker_env(scratch):
