@@ -17,12 +17,23 @@ compiled training step (gradients and an SGD update of every weight) it reads:
 
     python benchmarks/expert_parallel.py
     python benchmarks/expert_parallel.py --devices 1 2 --reps 3
+    python benchmarks/expert_parallel.py --processes 1 2 4   # 2 devices per process
+
+With `--processes`, each count P starts P processes of `--devices-per-process` virtual
+devices on 127.0.0.1 (`keras_moe.expert_parallel.initialize`, JAX's gloo collectives),
+mesh data=1 x expert=all devices, and reads from the compiled step, per process: the
+expert bytes it holds (its devices' slices) and the bytes of collective results that
+come from other processes' devices in one step. That is, for an all-to-all or an
+all-gather over n devices of which n/P are a process's own, (n - n/P)/n of each result;
+for an all-reduce twice that (a ring's reduce-scatter and all-gather). It counts what
+the program moves, not how a real network would schedule it.
 
 What virtual devices on a 2-core CPU can show: the memory and the communication of each
 device are those of the program a real n-device run compiles (XLA partitions the same
 way); what they cannot show is speed. The n virtual devices share the machine's cores and
 memory bandwidth, and a collective is a memory copy, so the step time grows with n here
-where on n real devices it would stay about flat.
+where on n real devices it would stay about flat. Over processes on one machine the same
+holds: loopback gloo shows what crosses processes, not what a network costs.
 """
 
 import argparse
@@ -62,7 +73,7 @@ def collective_bytes(hlo_text):
     return total
 
 
-def build_step(devices, experts, args):
+def build_step(devices, experts, args, per_process=False):
     """The compiled training step and its state for `experts` experts on `devices`."""
     distribution = expert_parallel.expert_parallel(
         data=1, expert=devices, devices=keras.distribution.list_devices()[:devices]
@@ -92,10 +103,14 @@ def build_step(devices, experts, args):
         )
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
-        x = jax.device_put(
-            np.random.default_rng(1).normal(size=shape).astype("float32"),
-            distribution.get_data_layout(shape).backend_layout,
-        )
+        x = np.random.default_rng(1).normal(size=shape).astype("float32")
+        sharding = distribution.get_data_layout(shape).backend_layout
+        if jax.process_count() > 1:  # each process places its own blocks of the batch
+            rows = tokens // distribution.num_devices
+            x = jax.make_array_from_process_local_data(sharding, np.concatenate(
+                [x[b * rows:(b + 1) * rows] for b in distribution.local_batch_blocks()]))
+        else:
+            x = jax.device_put(x, sharding)
 
         def loss(trainable, non_trainable, x):
             outputs, non_trainable, losses = model.stateless_call(
@@ -112,7 +127,89 @@ def build_step(devices, experts, args):
         w.value.addressable_shards[0].data.nbytes
         for w in layer.stacked_expert_weights().values()
     )
+    if per_process:  # what the process holds: its devices' slices
+        expert_bytes = sum(
+            sum(s.data.nbytes for s in w.value.addressable_shards)
+            for w in layer.stacked_expert_weights().values()
+        )
     return compiled, (trainable, non_trainable, x), expert_bytes, model.count_params()
+
+
+def cross_process_bytes(hlo_text, devices, processes):
+    """Bytes of one device's collective results that come from other processes' devices
+    (see the module docstring), for collectives over all `devices` (a data=1 mesh:
+    every collective of the step is over the expert axis, which is every device)."""
+    foreign = (devices - devices // processes) / devices
+    total = 0.0
+    for line in hlo_text.splitlines():
+        match = re.search(r"= (.*?) (%s)(-start)?\(" % "|".join(COLLECTIVES), line)
+        if not match:
+            continue
+        size = sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                   * _BYTES.get(dtype, 4)
+                   for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)))
+        total += size * foreign * (2 if match.group(2) == "all-reduce" else 1)
+    return total
+
+
+def process_main(index, count, port, args):
+    """One of `count` processes: joins the others, compiles the step, prints a row."""
+    import json
+
+    expert_parallel.initialize(f"127.0.0.1:{port}", count, index)
+    devices = len(jax.devices())
+    compiled, _, expert_bytes, _ = build_step(
+        devices, args.experts_per_device * devices, args, per_process=True)
+    if index == 0:
+        print("ROW " + json.dumps(dict(
+            processes=count, devices=devices, experts=args.experts_per_device * devices,
+            expert_mib=expert_bytes / 2**20,
+            collective_mib=collective_bytes(compiled.as_text()) / 2**20,
+            cross_mib=cross_process_bytes(compiled.as_text(), devices, count)
+            * (devices // count) / 2**20)), flush=True)
+
+
+def processes_main(args, argv):
+    """`--processes`: a row per process count, each from its own set of processes."""
+    import json
+    import socket
+    import subprocess
+
+    print(f"top-2 MoEDense, d {args.dim}, expert hidden {args.hidden}, "
+          f"{args.experts_per_device} experts and {args.tokens_per_device} tokens per device, "
+          f"{args.devices_per_process} devices per process, training step with SGD, mesh "
+          f"data=1 x expert=all (JAX {jax.__version__}, CPU, gloo on 127.0.0.1, "
+          f"{os.cpu_count()} CPUs)")
+    print()
+    print("| processes | devices | experts | expert MiB / process | collective MiB / step "
+          "/ device | MiB from other processes / step / process |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for count in args.processes:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, XLA_FLAGS=" ".join(
+            [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if "device_count" not in f]
+            + [f"--xla_force_host_platform_device_count={args.devices_per_process}"]))
+        children = [subprocess.Popen(
+            [sys.executable, __file__, *argv, "--as-process", str(i), str(count), str(port)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for i in range(count)]
+        try:
+            outputs = [c.communicate(timeout=args.timeout)[0] for c in children]
+        finally:  # nothing left running, whatever happened
+            for c in children:
+                if c.poll() is None:
+                    c.kill()
+        rows = [json.loads(line[4:]) for line in outputs[0].splitlines()
+                if line.startswith("ROW ")]
+        if not rows or any(c.returncode for c in children):
+            sys.exit(f"--processes {count}: a process failed (return codes "
+                     f"{[c.returncode for c in children]})")
+        r = rows[0]
+        print(f"| {r['processes']} | {r['devices']} | {r['experts']} | {r['expert_mib']:.2f} "
+              f"| {r['collective_mib']:.2f} | {r['cross_mib']:.2f} |", flush=True)
 
 
 def memory_per_device(compiled):
@@ -151,7 +248,27 @@ def main(argv=None):
                         "sparse_moe_classifier on 28x28 images (units = --dim)")
     parser.add_argument("--budget-mib", type=float, default=64.0,
                         help="per-device memory budget for the weak-scaling column")
+    parser.add_argument("--processes", type=int, nargs="+", default=None,
+                        help="instead: rows for these process counts on 127.0.0.1")
+    parser.add_argument("--devices-per-process", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="--processes: seconds before a set of processes is killed")
+    parser.add_argument("--as-process", type=int, nargs=3, default=None,
+                        metavar=("INDEX", "COUNT", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.as_process:
+        return process_main(*args.as_process, args)
+    if args.processes:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        child_argv = []
+        skip = 0
+        for a in argv:  # the children get every option but --processes
+            if skip and not a.startswith("--"):
+                continue
+            skip = a == "--processes"
+            if not skip:
+                child_argv.append(a)
+        return processes_main(args, child_argv)
     available = len(jax.devices())
     if max(args.devices) > available:
         sys.exit(f"--devices {max(args.devices)} needs that many devices; {available} here.")

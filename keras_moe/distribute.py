@@ -27,7 +27,10 @@ Names:
   `keras_moe.regularizers.reduction.scale_for_replicas(sum(model.losses))` does in
   `tests/_workers/two_domain_training.py`); two workers then train exactly like one
   device on the global batch (`tests/test_multi_worker.py`,
-  `tests/test_multi_worker_cli.py`).
+  `tests/test_multi_worker_cli.py`). It replicates every variable on every worker, so
+  experts are never split across machines under it (`MoEDense(expert_devices=...)`
+  refuses to build inside a strategy of several replicas); for experts across
+  machines use `"expert_parallel"` over several processes (JAX).
 - `"expert_parallel"` (JAX): not a `tf.distribute` strategy but Keras's distribution
   API: `expert_parallel(data=D, expert=X)` (see `keras_moe.expert_parallel`, re-exported
   here) splits every MoE layer's experts over the `expert` axis of a `D x X` device mesh
@@ -35,7 +38,10 @@ Names:
   it (`mesh=None`: one data row, every device on the expert axis). Like a strategy, it
   has a `scope()` to build and train the model in. MoE layers then use capacity
   dispatch and every batch must be full and divisible by the devices
-  (`keras-moe train --strategy expert_parallel --mesh 2x4` sees to both).
+  (`keras-moe train --strategy expert_parallel --mesh 2x4` sees to both). Over several
+  processes (machines), call `keras_moe.expert_parallel.initialize(...)` first (or
+  `keras-moe train ... --coordinator H:P --num-processes N --process-id I`): the mesh
+  then spans every process's devices.
 - `"tpu"`: `tf.distribute.TPUStrategy` on the TPU found by
   `TPUClusterResolver(tpu=...)`. TPUs compile with XLA and need static shapes: build
   MoE layers with `MoEDense(..., dispatch="capacity")` (fixed expert capacity; overflow

@@ -112,6 +112,30 @@ def _collectives(hlo_text):
     return found
 
 
+def compiled_steps(model, x):
+    """Compiled HLO text of `model`'s forward pass and of a training step's gradients
+    (balancing losses included) on the global batch `x` (a `jax.Array`)."""
+    import jax
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def forward(trainable, non_trainable, x):
+        return model.stateless_call(trainable, non_trainable, x, training=False)[0]
+
+    def loss(trainable, non_trainable, x):
+        outputs, _, losses = model.stateless_call(
+            trainable, non_trainable, x, training=True, return_losses=True
+        )
+        return keras.ops.mean(keras.ops.square(outputs)) + sum(losses)
+
+    def train_step(trainable, non_trainable, x):
+        return jax.grad(loss)(trainable, non_trainable, x)
+
+    return (jax.jit(forward).lower(trainable, non_trainable, x).compile().as_text(),
+            jax.jit(train_step).lower(trainable, non_trainable, x).compile().as_text())
+
+
 @requires_jax
 def test_compiled_steps_exchange_token_rows_only_by_all_to_all():
     import jax
@@ -120,24 +144,8 @@ def test_compiled_steps_exchange_token_rows_only_by_all_to_all():
     with distribution.scope():
         model = _model()
         model.set_weights(_initial_weights())
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
         x = jax.device_put(_data()[0][:TOKENS], distribution.get_data_layout((TOKENS, DIM)).backend_layout)
-
-        def forward(trainable, non_trainable, x):
-            return model.stateless_call(trainable, non_trainable, x, training=False)[0]
-
-        def loss(trainable, non_trainable, x):
-            outputs, _, losses = model.stateless_call(
-                trainable, non_trainable, x, training=True, return_losses=True
-            )
-            return keras.ops.mean(keras.ops.square(outputs)) + sum(losses)
-
-        def train_step(trainable, non_trainable, x):
-            return jax.grad(loss)(trainable, non_trainable, x)
-
-        forward_hlo = jax.jit(forward).lower(trainable, non_trainable, x).compile().as_text()
-        train_hlo = jax.jit(train_step).lower(trainable, non_trainable, x).compile().as_text()
+        forward_hlo, train_hlo = compiled_steps(model, x)
 
     forward_ops = _collectives(forward_hlo)
     assert sum(op == "all-to-all" for op, _ in forward_ops) >= 2  # dispatch and combine
@@ -160,6 +168,45 @@ def test_compiled_steps_exchange_token_rows_only_by_all_to_all():
                 assert size in gradient_sizes or size <= EXPERTS, (op, sizes, gradient_sizes)
     # The check can tell them apart: no weight has the size of a device's token rows.
     assert TOKENS // 8 * DIM not in gradient_sizes and TOKENS * DIM not in gradient_sizes
+
+
+def fit_on_mesh(data, expert):
+    """`_model` under `expert_parallel(data, expert)`, trained three steps by `model.fit`
+    on `_data()` as a `tf.data.Dataset` of global batches, as one of several processes
+    (`tests/_workers/expert_parallel_process.py`) or alone. Returns a dict: the
+    gathered final weights, the loss, the rows of the expert axis that this process's
+    devices hold, its batch blocks, the dropped fraction, and the collectives of the
+    compiled forward pass and gradient step (`_collectives`)."""
+    import jax
+    import tensorflow as tf
+
+    x, y = _data()
+    weights = _initial_weights()  # outside the distribution, in this process alone
+    distribution = expert_parallel.expert_parallel(data=data, expert=expert)
+    with distribution.scope():
+        model = _model()
+        moe = model.get_layer("moe")
+        held = {}
+        for w in moe.weights:
+            if len(w.shape) and w.shape[0] == EXPERTS:
+                held[w.path] = sorted({(s.index[0].start or 0, s.index[0].stop or EXPERTS)
+                                       for s in w.value.addressable_shards})
+        model.set_weights(weights)
+        blocks = distribution.local_batch_blocks()
+        rows = TOKENS // distribution.num_devices
+        local = np.concatenate([x[b * rows:(b + 1) * rows] for b in blocks])
+        global_x = jax.make_array_from_process_local_data(
+            distribution.get_data_layout(local.shape).backend_layout, local)
+        assert global_x.shape == (TOKENS, DIM)
+        forward_hlo, train_hlo = compiled_steps(model, global_x)
+        model.compile(keras.optimizers.SGD(0.1),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(TOKENS)
+        history = model.fit(dataset, epochs=1, verbose=0, shuffle=False)
+        trained = expert_parallel.gathered(model.weights)
+    return dict(weights=trained, loss=history.history["loss"], held=held, blocks=blocks,
+                dropped=moe.dropped_fraction, forward=_collectives(forward_hlo),
+                train=_collectives(train_hlo))
 
 
 @requires_jax
@@ -270,3 +317,133 @@ def test_train_command_refuses_meshes_it_cannot_run(tmp_path, capsys):
     for flags, message in cases:
         assert cli.main(["train", recipe_path, "--out", str(tmp_path / "x"), *flags]) == 2, flags
         assert message in capsys.readouterr().err, flags
+
+
+# Over several processes ---------------------------------------------------------------------
+
+PROCESS_TIMEOUT = 240  # seconds; the children are killed past it (nothing hangs CI)
+
+
+def _worker_env(devices):
+    """This environment for a child JAX process of `devices` virtual CPU devices."""
+    import os
+
+    from conftest import JAX_TEST_XLA_FLAGS
+
+    flags = [f for f in JAX_TEST_XLA_FLAGS if "device_count" not in f]
+    return dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+                TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+                PYTHONPATH=os.pathsep.join(filter(None, [
+                    str(__import__("pathlib").Path(__file__).parents[1]),
+                    os.environ.get("PYTHONPATH")])),
+                XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}",
+                                    *flags]))
+
+
+@pytest.mark.slow
+@requires_jax
+def test_two_processes_hold_their_experts_and_train_like_one_process(tmp_path):
+    """Two processes of 4 virtual devices each (`keras.distribution.initialize` on
+    127.0.0.1, gloo collectives), meshes 1x8 and 2x4 with the expert axis across both:
+    each process holds exactly its half of the experts and reads its blocks of each
+    global batch, and three `fit` steps end at the one-process 8-device run's weights,
+    through the same collectives."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import finish_all, free_ports
+
+    worker = Path(__file__).parent / "_workers" / "expert_parallel_process.py"
+    port, = free_ports(1)
+    meshes = ["1x8", "2x4"]
+    outs = [tmp_path / f"process{i}.json" for i in range(2)]
+    processes = [subprocess.Popen(
+        [sys.executable, str(worker), str(i), "2", str(port), str(outs[i]), *meshes],
+        env=_worker_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    try:  # the reference alongside, in this process of 8 devices
+        want = {mesh: fit_on_mesh(*(int(n) for n in mesh.split("x"))) for mesh in meshes}
+    finally:
+        finish_all(processes, PROCESS_TIMEOUT)
+    got = [json.loads(out.read_text()) for out in outs]
+
+    assert [g["devices"] for g in got] == [[8, 4], [8, 4]]
+    for mesh in meshes:
+        # 16 experts: process 0 holds 0-7, process 1 holds 8-15, two per device in 1x8,
+        # four per device (each on two devices, along data) in 2x4.
+        width = {"1x8": 2, "2x4": 4}[mesh]
+        for p, result in enumerate(got):
+            own = [[s, s + width] for s in range(8 * p, 8 * p + 8, width)]
+            assert set(map(str, result[mesh]["held"].values())) == {str(own)}, (mesh, p)
+            assert len(result[mesh]["held"]) == 4  # every expert weight
+        assert [g[mesh]["blocks"] for g in got] == (
+            [[0, 1, 2, 3], [4, 5, 6, 7]] if mesh == "1x8" else [[0, 1, 4, 5], [2, 3, 6, 7]])
+        for result in got:
+            for g, w in zip(result[mesh]["weights"], want[mesh]["weights"], strict=True):
+                np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(result[mesh]["loss"], want[mesh]["loss"], rtol=1e-5)
+            assert result[mesh]["dropped"] == pytest.approx(want[mesh]["dropped"])
+            # The same partitioned program: the same collectives, of the same sizes.
+            for step in ("forward", "train"):
+                assert result[mesh][step] == [[op, sizes] for op, sizes in want[mesh][step]], \
+                    (mesh, step)
+            ops = [op for op, _ in result[mesh]["train"]]
+            assert ops.count("all-to-all") >= 4 and "all-gather" not in ops, ops
+        # The weights did train (the comparison is not of two untouched copies).
+        assert not np.allclose(want[mesh]["weights"][2], _initial_weights()[2])
+
+
+def test_process_settings_come_from_arguments_or_keras_variables(monkeypatch):
+    for name in ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                 "KERAS_DISTRIBUTION_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    settings = expert_parallel.process_settings
+    assert settings() == (None, 1, 0)
+    assert settings("10.0.0.1:1234", 2, 1) == ("10.0.0.1:1234", 2, 1)
+    assert settings("10.0.0.1:1234,10.0.0.2:99", None, 0) == ("10.0.0.1:1234", 2, 0)
+    with pytest.raises(ValueError, match="num_processes=2: 2 processes need the coordinator"):
+        settings(None, 2, 0)
+    with pytest.raises(ValueError, match="process_id=2 is out of range for 2 processes: 0 to 1"):
+        settings("h:1", 2, 2)
+    with pytest.raises(ValueError, match="each process needs its process_id"):
+        settings("h:1", 2, None)
+    with pytest.raises(ValueError, match="lists 2 addresses but num_processes is 3"):
+        settings("a:1,b:2", 3, 0)
+    with pytest.raises(ValueError, match="--num-processes must be an integer >= 1; got 'two'"):
+        settings("h:1", "two", 0, names=("--coordinator", "--num-processes", "--process-id"))
+    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "h:7")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_PROCESS_ID", "5")
+    with pytest.raises(ValueError, match="KERAS_DISTRIBUTION_PROCESS_ID=5 is out of range"):
+        settings()
+    assert settings(process_id=1) == ("h:7", 2, 1)  # an argument wins over the variable
+
+
+def test_train_command_checks_the_process_flags_first(tmp_path, capsys, monkeypatch):
+    from conftest import TINY_SPARSE_RECIPE, write_recipe
+    from keras_moe import cli
+
+    for name in ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                 "KERAS_DISTRIBUTION_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = write_recipe(tmp_path, TINY_SPARSE_RECIPE)
+    out = tmp_path / "run"
+    cases = [
+        (["--strategy", "expert_parallel", "--num-processes", "2", "--process-id", "0"],
+         "--num-processes=2: 2 processes need the coordinator's address (--coordinator"),
+        (["--strategy", "expert_parallel", "--num-processes", "2", "--process-id", "3",
+          "--coordinator", "127.0.0.1:1"], "--process-id=3 is out of range for 2 processes"),
+        (["--strategy", "multi_worker", "--num-processes", "2", "--process-id", "0",
+          "--coordinator", "127.0.0.1:1"],
+         "replicates every variable on every worker, so experts cannot be split"),
+    ]
+    if BACKEND != "jax":
+        cases.append((["--strategy", "expert_parallel", "--num-processes", "2",
+                       "--process-id", "0", "--coordinator", "127.0.0.1:1"],
+                      "needs the JAX backend"))
+    for flags, message in cases:
+        assert cli.main(["train", recipe, "--out", str(out), *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+        assert not out.exists()

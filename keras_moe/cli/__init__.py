@@ -73,6 +73,20 @@ def build_parser():
     train.add_argument("--mesh", default=None, metavar="DATAxEXPERT",
                        help="--strategy expert_parallel's device mesh, e.g. 2x4 (default: "
                             "every device on the expert axis)")
+    train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="--strategy expert_parallel over several processes (one "
+                            "command each): process 0's address (default "
+                            "$KERAS_DISTRIBUTION_JOB_ADDRESSES)")
+    train.add_argument("--num-processes", default=None, metavar="N",
+                       help="how many processes train together (default "
+                            "$KERAS_DISTRIBUTION_NUM_PROCESSES, else 1)")
+    train.add_argument("--process-id", default=None, metavar="I",
+                       help="this process's index, 0 to N-1; process 0 writes the run "
+                            "directory (default $KERAS_DISTRIBUTION_PROCESS_ID)")
+    train.add_argument("--process-timeout", type=int, default=60, metavar="SECONDS",
+                       help="several processes: how long to wait for one that has not "
+                            "arrived or stopped answering before the others exit with an "
+                            "error naming it (default 60)")
     train.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the unfinished run in --out from its last backup")

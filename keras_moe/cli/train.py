@@ -35,7 +35,53 @@ def _given_settings(args):
         given["gates"] = (True, "--gates")
     if args.classify is not None:
         given["classify"] = (args.classify, f"--classify {args.classify}")
+    # Always: a resume with another process count is refused, one process included.
+    count, _, flag = _processes(args)
+    given["processes"] = (count, flag)
     return given
+
+
+def _processes(args):
+    """`(num_processes, process_id, flag text)` from --coordinator, --num-processes,
+    --process-id or Keras's environment variables for them; checked."""
+    from keras_moe.expert_parallel import process_settings
+
+    try:
+        _, count, index = process_settings(
+            getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+            getattr(args, "process_id", None), names=_PROCESS_FLAGS)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return count, index, (f"--num-processes {count}" if count > 1 else "one process")
+
+
+_PROCESS_FLAGS = ("--coordinator", "--num-processes", "--process-id")
+
+
+def _start_processes(args, settings):
+    """Joins the other processes of a multi-process run (before any JAX computation:
+    the mesh counts every process's devices); nothing for one process."""
+    from keras_moe.expert_parallel import initialize
+
+    count, index, flag = _processes(args)
+    if count == 1:
+        return
+    if settings.strategy != "expert_parallel":
+        raise UsageError(
+            f"{flag}: several processes are for --strategy expert_parallel (JAX); "
+            f"--strategy {settings.strategy} "
+            + ("takes its workers from TF_CONFIG, and tf.distribute's multi-worker "
+               "strategy replicates every variable on every worker, so experts cannot "
+               "be split across machines there"
+               if settings.strategy == "multi_worker" else "runs in one process"))
+    try:
+        timeout = getattr(args, "process_timeout", 60)
+        if timeout < 1:
+            raise ValueError(f"--process-timeout must be >= 1 second; got {timeout}")
+        initialize(args.coordinator, count, index, timeout=timeout,
+                   names=_PROCESS_FLAGS)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _new_run_settings(args):
@@ -110,10 +156,12 @@ def train(args):
         raise UsageError("--resume needs --out, the run directory to continue")
     if args.classify is not None and args.classify < 0:
         raise UsageError(f"--classify must be >= 0 (0: none), got {args.classify}")
+    _processes(args)  # malformed process flags first, before any file is read
     if args.resume:
         recipe, settings = _resumed_run(args, pathlib.Path(args.out))
     else:
         recipe, settings = None, _new_run_settings(args)
+    _start_processes(args, settings)
     # First: MultiWorkerMirroredStrategy must be created before any other TensorFlow op.
     strategy = strategy_named(settings.strategy, settings.mesh)
     if recipe is None:
@@ -133,6 +181,9 @@ def train(args):
     chief = runner.is_chief(strategy)
     if chief:
         print(f"run directory: {out}")
+    elif isinstance(strategy, ExpertParallel):
+        print(f"process {strategy.process_id} of {strategy.num_processes}: process 0 writes "
+              f"the run directory ({out}); this process's files go to a temporary directory")
     else:
         print(f"non-chief worker of a multi-worker run: the chief writes the run directory "
               f"({out}); this worker's files go to a temporary directory")

@@ -107,14 +107,21 @@ def atomic_write(path, data):
 
 
 def save_model(model, path):
-    """`model.save(path)` (a `.keras` file) written atomically."""
-    return _save_then_replace(model.save, path, ".keras")
+    """`model.save(path)` (a `.keras` file) written atomically; the full weights even
+    where they are split over processes (`expert_parallel.host_readable`)."""
+    from keras_moe.expert_parallel import host_readable
+
+    with host_readable(model):
+        return _save_then_replace(model.save, path, ".keras")
 
 
 def save_weights(model, path):
     """`model.save_weights(path)` (a `.weights.h5` file, optimizer state included) written
-    atomically."""
-    return _save_then_replace(model.save_weights, path, ".weights.h5")
+    atomically; the full weights, as `save_model`."""
+    from keras_moe.expert_parallel import host_readable
+
+    with host_readable(model):
+        return _save_then_replace(model.save_weights, path, ".weights.h5")
 
 
 # Run settings ----------------------------------------------------------------------------
@@ -135,6 +142,7 @@ class RunSettings:
         classify: Test images classified with the SavedModel in a fresh process.
         learning_rate: The learning rate a resume lowered the run's to (None: the
             recipe's): the one change `--resume` accepts, for a run that diverged.
+        processes: How many processes train it (`--num-processes`, expert_parallel).
     """
 
     seed: int = 0
@@ -146,6 +154,7 @@ class RunSettings:
     gates: bool = False
     classify: int = 8
     learning_rate: float = None
+    processes: int = 1
 
     @classmethod
     def from_dict(cls, table, source):
@@ -522,12 +531,15 @@ def non_finite_weights(model):
     an infinity."""
     import numpy as np
 
+    from keras_moe.expert_parallel import host_readable
+
     variables = list(model.weights)
     if getattr(model, "optimizer", None) is not None:
         variables += list(model.optimizer.variables)
-    return [v.path for v in variables
-            if np.issubdtype(np.dtype(v.dtype), np.floating)
-            and not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
+    with host_readable(model):  # weights split over processes read whole
+        return [v.path for v in variables
+                if np.issubdtype(np.dtype(v.dtype), np.floating)
+                and not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
 
 
 def check_finite(model, what):

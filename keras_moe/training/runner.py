@@ -216,6 +216,8 @@ def is_chief(strategy):
     cluster has one, else worker 0; without `TF_CONFIG` the only worker)."""
     import tensorflow as tf
 
+    if isinstance(strategy, expert_parallel.ExpertParallel):
+        return strategy.is_writer  # process 0 of a multi-process run
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
     resolver = strategy.cluster_resolver
@@ -229,9 +231,11 @@ def is_chief(strategy):
 
 def _worker_run_dir(run_dir, recipe, resume, strategy):
     """A non-chief worker's temporary run directory (see the module docstring)."""
-    resolver = strategy.cluster_resolver
-    scratch = pathlib.Path(tempfile.mkdtemp(
-        prefix=f"keras-moe-{resolver.task_type}{resolver.task_id}-"))
+    if isinstance(strategy, expert_parallel.ExpertParallel):
+        name = f"process{strategy.process_id}"
+    else:
+        name = f"{strategy.cluster_resolver.task_type}{strategy.cluster_resolver.task_id}"
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix=f"keras-moe-{name}-"))
     local = scratch / "run"
     if resume:
         recipe, _ = _run_dir.prepare_run_dir(run_dir, recipe, resume=True)  # the chief's run
@@ -394,7 +398,8 @@ def _train_recipe(recipe, run_dir, *, strategy, resume, data_dir, seed, verbose,
     seconds = time.perf_counter() - start_time
     _run_dir.check_finite(model, "model.keras")
     _run_dir.save_model(model, run_dir / "model.keras")
-    if multi_worker:  # a model that Keras's evaluate and predict can use
+    if multi_worker or getattr(strategy, "num_processes", 1) > 1:
+        # A model that Keras's evaluate and predict can use in this process alone.
         model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     return TrainResult(model, data, _run_dir.read_history(run_dir), seconds, recipe,
                        notes=notes)
