@@ -39,6 +39,8 @@ COMPUTE_LOSS = "_compute_loss"  # keras.Model method (Trainer)
 POPULATE_INITIAL_SPACE = "_populate_initial_space"  # keras_tuner.Tuner method (overridden)
 FUNCTIONAL_MODULE = "keras.src.models.functional"  # where the Functional class lives
 BACKEND_MODULE = "keras.src.backend"  # in_stateless_scope
+JAX_DISTRIBUTION_MODULE = "keras.src.backend.jax.distribution_lib"  # initialize_rng
+VARIABLE_VALUE = "_value"  # keras.Variable attribute: the backend array behind `.value`
 
 # What tests/test_compat.py checks: (module, object path inside it, attribute or None).
 CLASS_ATTRIBUTES = (
@@ -50,6 +52,7 @@ CLASS_ATTRIBUTES = (
     ("keras_tuner", "Tuner", POPULATE_INITIAL_SPACE),
     (FUNCTIONAL_MODULE, "Functional", None),
     (BACKEND_MODULE, "in_stateless_scope", None),
+    (JAX_DISTRIBUTION_MODULE, "initialize_rng", None),
 )
 # Instance attributes, checked on a small compiled functional model and a built Sequential.
 LAYER_ATTRIBUTES = (CALL_HAS_TRAINING_ARG, INBOUND_NODES)
@@ -104,6 +107,23 @@ def producing_operation(tensor):
     """The operation whose call produced a symbolic `tensor` (None for an input)."""
     history = getattr(tensor, KERAS_HISTORY, None)
     return None if history is None else history[0]
+
+
+def initialize_jax_rng():
+    """What `keras.distribution.initialize` does after JAX's own initialize: one random
+    seed shared by every process (needed where JAX is initialised with other options)."""
+    importlib.import_module(JAX_DISTRIBUTION_MODULE).initialize_rng()
+
+
+def variable_array(variable):
+    """The backend array a Keras variable holds (what `variable.value` reads)."""
+    return getattr(variable, VARIABLE_VALUE)
+
+
+def set_variable_array(variable, array):
+    """Puts `array` behind `variable.value` without an assignment (no sharding or dtype
+    conversion: `expert_parallel.host_readable` shows a host copy to Keras's saving)."""
+    setattr(variable, VARIABLE_VALUE, array)
 
 
 def own_losses(layer):

@@ -37,6 +37,8 @@ import threading
 import keras
 import numpy as np
 
+from keras_moe import compat
+
 __all__ = [
     "ExpertParallel",
     "expert_parallel",
@@ -436,16 +438,16 @@ def host_readable(model):
     if not split:
         yield
         return
-    originals = [v._value for v in split]
+    originals = [compat.variable_array(v) for v in split]
     # Keras's saving reads `variable.value` and converts it with NumPy: a host copy read
     # in place of the split array is what it writes. (Private, but only for the read.)
     for v, full in zip(split, gathered(split)):
-        v._value = full
+        compat.set_variable_array(v, full)
     try:
         yield
     finally:
         for v, original in zip(split, originals):
-            v._value = original
+            compat.set_variable_array(v, original)
 
 
 ADDRESSES_ENV = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
@@ -551,7 +553,5 @@ def initialize(job_addresses=None, num_processes=None, process_id=None, *, timeo
         initialization_timeout=timeout, heartbeat_timeout_seconds=timeout)
     # What keras.distribution.initialize does after JAX's own initialize (which it calls
     # without these timeouts): one random seed for every process.
-    from keras.src.backend.jax.distribution_lib import initialize_rng
-
-    initialize_rng()
+    compat.initialize_jax_rng()
     return count, index

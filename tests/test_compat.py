@@ -34,6 +34,8 @@ def test_every_private_name_still_exists():
         assert hasattr(dense, name), name
     for name in compat.TENSOR_ATTRIBUTES:
         assert hasattr(dense.output, name), name
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(compat.variable_array(
+        dense.kernel)), keras.ops.convert_to_numpy(dense.kernel.value))
     sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     for name in compat.SEQUENTIAL_ATTRIBUTES:
         assert getattr(sequential, name) is not None, name
@@ -77,7 +79,8 @@ def test_no_other_module_uses_a_private_keras_name():
     names = [compat.FLATTEN_LAYERS, compat.OWN_LOSSES, compat.CLEAR_LOSSES,
              compat.CALL_HAS_TRAINING_ARG, compat.NODES_BY_DEPTH, compat.INBOUND_NODES,
              compat.KERAS_HISTORY, compat.COMPILE_CONFIG, compat.INITIAL_EPOCH,
-             compat.SYMBOLIC_BUILD, compat.COMPUTE_LOSS, compat.POPULATE_INITIAL_SPACE]
+             compat.SYMBOLIC_BUILD, compat.COMPUTE_LOSS, compat.POPULATE_INITIAL_SPACE,
+             compat.VARIABLE_VALUE]
     pattern = re.compile(r"keras\.src\b|keras_tuner\.src\b|\.(?:" + "|".join(
         re.escape(n) for n in names) + r")\b")
     found = []
