@@ -136,7 +136,7 @@ def draw_frontier(by_arm, path, study_arms):
     import matplotlib.pyplot as plt
 
     widths = plain_arms(study_arms)
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(figsize=(9, 4.5))
 
     def point(runs, key):
         summary = summarize([m[key] for m in runs.values()])
@@ -165,7 +165,7 @@ def draw_frontier(by_arm, path, study_arms):
     axes.set_ylabel("test accuracy")
     axes.set_title("DeepMoE-8 vs plain ResNet-8 widths (Fashion-MNIST 32x32, 20k images)")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right", ncol=2)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -118,8 +118,11 @@ def run_study(study, budget_name, results, runs_dir, *, seeds=None, arms=None,
     budget = study.budgets[budget_name]
     seeds = range(budget["seeds"] if seeds is None else seeds)
     chosen = [a for a in study.arms if arms is None or a.name in arms]
-    done = {(r["arm"], r["seed"], r["budget"], r["settings_id"])
-            for r in study_rows(study, results, deterministic)}
+    rows = study_rows(study, results, deterministic)
+    done = {(r["arm"], r["seed"], r["budget"], r["settings_id"]) for r in rows}
+    sources = {(r["arm"], r["seed"], r["budget"], r["settings_id"]):
+               pathlib.Path(results).parent / f"{r['reused_from']}.jsonl"
+               for r in rows if r.get("reused_from")}
     commit = code_commit()
     import keras_moe
 
@@ -141,7 +144,7 @@ def run_study(study, budget_name, results, runs_dir, *, seeds=None, arms=None,
             if command[0] == "keras-moe" and shutil.which("keras-moe") is None:
                 command = [sys.executable, "-m", "keras_moe"] + command[1:]
             if key in done:
-                log(f"skip {study.paper} {arm.name} seed {seed}: in {results}")
+                log(f"skip {study.paper} {arm.name} seed {seed}: in {sources.get(key, results)}")
                 continue
             started = time.time()
             if not _finished(run_dir):
