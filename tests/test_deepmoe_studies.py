@@ -1,9 +1,10 @@
 """DeepMoE's trade-off studies (examples/studies/deepmoe_ladder.py, deepmoe_frontier.py,
 deepmoe_long.py): their commands, the rows they share, the frontier's verdict and plot.
 
-One slow test trains two tiny runs (the ladder's fixed-lambda rung, which the frontier
-then counts as its own, and a plain width of the frontier) and checks the measurements
-against their formulas; the rest reads commands and synthetic rows only.
+One slow test trains two tiny runs of the frontier (a fixed lambda, which the ladder
+counts as its own rung, and a plain width) and checks the measurements against their
+formulas; the long study's arms are the same kinds of run at another budget, checked by
+their commands. The rest reads commands and synthetic rows only.
 """
 
 import json
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO / "examples"))  # as `python3 examples/study.py` has
 
 from studies import deepmoe_frontier, deepmoe_ladder, get_study  # noqa: E402
 from studies.running import arm_fingerprints, study_rows, train_command  # noqa: E402
+from studies.table import compute_table  # noqa: E402
 
 
 def _run(*args, timeout=300):
@@ -57,41 +59,41 @@ def test_resnet8_macs_formula_matches_the_baseline_rows():
 
 
 @pytest.mark.slow
-def test_ladder_and_frontier_measure_their_runs_and_share_identical_ones(tmp_path):
+def test_frontier_measures_its_runs_and_the_ladder_counts_the_shared_one(tmp_path):
+    """The frontier at its tiny budget, one fixed-lambda arm and one plain width; the
+    ladder's fixed-lambda rung has the same command, so the ladder's table counts that
+    row without training it again (one study.py run: 35 s of a worker, measured)."""
     runs = tmp_path / "runs"
-    ladder = tmp_path / "deepmoe_ladder.jsonl"
-    _run("deepmoe_ladder", "--budget", "tiny", "--arms", "wide_lambda3", "--results", ladder,
-         "--runs-dir", runs, timeout=600)
-    (row,) = _rows(ladder)
-    metrics = row["metrics"]
-    # No controller: lambda stays at 3 through the joint phase (history.jsonl's reading).
-    assert metrics["joint_epoch_gate_l1"] == [3.0]
-    assert "min_joint_density_reading" not in metrics  # no controller, no readings
-    assert 0.0 <= metrics["gate_density"] <= 1.0
-    assert metrics["macs_millions"] * 1e6 <= metrics["static_macs"]
-    assert row["code_path"] == "keras_moe"  # relative to the repository
-    assert "phases.0.gate_density_target=false" in shlex.split(row["command"])
-
     frontier = tmp_path / "deepmoe_frontier.jsonl"
     figure = tmp_path / "frontier.png"
     out = _run("deepmoe_frontier", "--budget", "tiny", "--arms", "wide_lambda3,plain_w0p5",
                "--results", frontier, "--runs-dir", runs, "--figure", figure, "--json",
                timeout=600).stdout
-    # The ladder's run counts for the frontier's identical arm: only the plain net ran.
-    (plain,) = _rows(frontier)
-    assert plain["arm"] == "plain_w0p5"
-    assert plain["metrics"]["static_macs"] == resnet8_macs((8, 16, 32))
-    assert plain["metrics"]["macs_millions"] == plain["metrics"]["static_macs"] / 1e6
-    study = get_study("deepmoe_frontier")
-    shared = [r for r in study_rows(study, frontier) if r.get("reused_from")]
-    assert [(r["arm"], r["reused_from"]) for r in shared] == [("wide_lambda3",
-                                                                "deepmoe_ladder")]
+    rows = {row["arm"]: row for row in _rows(frontier)}
+    assert sorted(rows) == ["plain_w0p5", "wide_lambda3"]
+    metrics = rows["wide_lambda3"]["metrics"]
+    # No controller: lambda stays at 3 through the joint phase (history.jsonl's reading).
+    assert metrics["joint_epoch_gate_l1"] == [3.0]
+    assert "min_joint_density_reading" not in metrics  # no controller, no readings
+    assert 0.0 <= metrics["gate_density"] <= 1.0
+    assert metrics["macs_millions"] * 1e6 <= metrics["static_macs"]
+    assert rows["wide_lambda3"]["code_path"] == "keras_moe"  # relative to the repository
+    assert "phases.0.gate_density_target=false" in shlex.split(rows["wide_lambda3"]["command"])
+    plain = rows["plain_w0p5"]["metrics"]
+    assert plain["static_macs"] == resnet8_macs((8, 16, 32))
+    assert plain["macs_millions"] == plain["static_macs"] / 1e6
     table = json.loads(out[out.index("{"):])
-    assert table["reused_rows"] == 1
-    (entry,) = table["report"]["entries"]
-    assert entry["arm"] == "wide_lambda3"
+    (entry,) = table["report"]["entries"]  # one plain point: no frontier to compare with
+    assert entry["arm"] == "wide_lambda3" and entry["minus_frontier"]["n"] == 0
     assert entry["macs_millions"]["mean"] == pytest.approx(metrics["macs_millions"])
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+
+    ladder = get_study("deepmoe_ladder")
+    shared = study_rows(ladder, tmp_path / "deepmoe_ladder.jsonl")
+    assert [(r["arm"], r["reused_from"]) for r in shared] == [("wide_lambda3",
+                                                                "deepmoe_frontier")]
+    ladder_table = compute_table(ladder, shared, "tiny")
+    assert ladder_table["runs_done"] == 1 and ladder_table["reused_rows"] == 1
 
 
 def test_frontier_interpolates_in_log_macs_and_pairs_by_seed():
