@@ -57,7 +57,11 @@ epochs = 6
 # gate_l1 = 0.0                 DeepMoE lambda;  embedding_loss_weight = 0.0: mu
 # assignment_constraint = false Eigen et al.'s running-assignment constraint on/off
 # gate_density_target = 0.5     DeepMoE: steer lambda to this open-gate fraction (this
-#                               phase; the model's gate heads then start spread, W_g ~ U(0, 2))
+#                               phase; the model's gate heads then start spread, W_g ~ U(0, 2));
+#                               false: no controller, lambda stays at gate_l1 (the paper's way)
+# spread_gate_heads = true      DeepMoE, first phase only (acts when the model is built): start
+#                               the gate heads spread (true) or as initialised (false); unset:
+#                               spread exactly when a phase sets a gate_density_target
 # tsne_map_epochs = 30          t-SNE MoE: first fit the map for this many epochs, place the
 #                               experts at k-means centres of the mapped training images
 ```
@@ -117,7 +121,7 @@ class RecipeError(ValueError):
 
 
 PHASE_SETTINGS = ("freeze_gating", "gate_l1", "embedding_loss_weight", "assignment_constraint",
-                  "gate_density_target", "tsne_map_epochs")
+                  "spread_gate_heads", "gate_density_target", "tsne_map_epochs")
 
 # An installed wheel carries the zoo's recipes inside the package (pyproject.toml maps the
 # repository's zoo/ folder there); a source checkout has them in zoo/ beside the package.
@@ -268,6 +272,7 @@ class Phase:
     gate_l1: object = None
     embedding_loss_weight: object = None
     assignment_constraint: object = None
+    spread_gate_heads: object = None
     gate_density_target: object = None
     tsne_map_epochs: object = None
 
@@ -286,7 +291,8 @@ _PHASE_KEYS = {"name": ((str,), None), "epochs": ((int,), None),
                "freeze_gating": ((bool,), None), "gate_l1": ((float,), None),
                "embedding_loss_weight": ((float,), None),
                "assignment_constraint": ((bool,), None),
-               "gate_density_target": ((float,), None),
+               "spread_gate_heads": ((bool,), None),
+               "gate_density_target": ((float, bool), None),
                "tsne_map_epochs": ((int,), None)}
 _SECTIONS = ("recipe", "model", "losses", "data", "optimizer", "schedule", "phases")
 
@@ -410,9 +416,14 @@ class Recipe:
                    f"{where} [[phases]] #{index}: tsne_map_epochs must be >= 1, got "
                    f"{values['tsne_map_epochs']}")
             target = values["gate_density_target"]
-            _check(target is None or 0 < target < 1,
-                   f"{where} [[phases]] #{index}: gate_density_target must be in (0, 1), "
-                   f"got {target}")
+            _check(target is None or target is False
+                   or (not isinstance(target, bool) and 0 < target < 1),
+                   f"{where} [[phases]] #{index}: gate_density_target must be in (0, 1) or "
+                   f"false (no controller), got {target}")
+            # The heads are spread (or not) when the model is built, before any phase.
+            _check(index == 0 or values["spread_gate_heads"] is None,
+                   f"{where} [[phases]] #{index}: spread_gate_heads acts when the model is "
+                   "built: set it in the first phase")
             values["name"] = values["name"] or f"phase{index}"
             phases.append(Phase(**values))
         names = [p.name for p in phases]

@@ -101,7 +101,11 @@ def test_save_never_overwrites_silently(tmp_path):
      r"boundaries must be increasing positive epochs"),
     (MINIMAL + "[schedule]\nboundaries = [5]\n", r"only used by name = \"step\""),
     (MINIMAL.replace("[[phases]]", "[[phases]]\ngate_density_target = 1.5"),
-     r"gate_density_target must be in \(0, 1\)"),
+     r"gate_density_target must be in \(0, 1\) or false"),
+    (MINIMAL.replace("[[phases]]", "[[phases]]\ngate_density_target = true"),
+     r"gate_density_target must be in \(0, 1\) or false"),
+    (MINIMAL + "[[phases]]\nepochs = 1\nname = 'two'\nspread_gate_heads = true\n",
+     r"#1: spread_gate_heads acts when the model is built: set it in the first phase"),
     (MINIMAL + "[losses]\nnum_experts = 8\n", r"num_experts given in both \[model\] and "
                                               r"\[losses\]"),
     ("[model\nname=1", r"not valid TOML"),
@@ -201,3 +205,39 @@ def test_tpu_runs_use_capacity_dispatch_where_the_model_has_it():
     assert runner.for_static_shapes(explicit).model.args["dispatch"] == "dense"
     deep = recipes.load_recipe("deepmoe_resnet56_cifar10")
     assert runner.for_static_shapes(deep).to_dict() == deep.to_dict()  # no MoEDense: unchanged
+
+
+def test_a_fixed_lambda_and_the_heads_start_are_reachable_from_set():
+    """`gate_density_target = false` removes the recipe's controller (lambda stays at
+    `gate_l1`, the paper's way); `spread_gate_heads` chooses the heads' start whatever
+    the controller; unset, the heads are spread exactly when a controller runs."""
+    import numpy as np
+
+    from keras_moe.training import runner
+    from keras_moe.training.deepmoe import ReLUGate, gating_layers
+    from keras_moe.zoo import get_family
+    from keras_moe.zoo.registry import PhaseContext
+
+    base = recipes.load_recipe("deepmoe_resnet8_fashion_mnist").override(
+        ["model.width_multiplier=0.25", "data.pad_to=8", "model.embedding_widths=[2, 2]"])
+
+    def kernels(*assignments):
+        recipe = base.override(list(assignments))
+        model = runner.build_model(recipe)
+        return recipe, model, np.concatenate([np.ravel(layer.kernel) for layer in
+                                              gating_layers(model)
+                                              if isinstance(layer, ReLUGate)])
+
+    def spread(values):  # U(0, 2) against the initialiser's ~1 +- 0.01
+        return values.min() < 0.5 and values.max() > 1.5
+
+    fixed, model, values = kernels("phases.0.gate_density_target=false", "losses.gate_l1=3.0")
+    assert fixed.phases[0].gate_density_target is False and not spread(values)
+    assert model.gate_l1 == 3.0
+    family = get_family(fixed.model.name)
+    setting = family.phase_settings["gate_density_target"]
+    assert setting.callbacks(model, False, PhaseContext(fixed.phases[0])) == []
+    assert spread(kernels()[2])  # the recipe's controller: heads spread
+    assert not spread(kernels("phases.0.spread_gate_heads=false")[2])
+    assert spread(kernels("phases.0.gate_density_target=false",
+                          "phases.0.spread_gate_heads=true")[2])

@@ -1,11 +1,13 @@
 """The multi-seed studies of `examples/study.py`: one module per paper (its arms,
 budgets, measurements and comparisons), and the machinery they share (`base`: what a
 study is made of; `running`: training the missing runs; `results`: the results file;
-`table`: the table and the model card's block)."""
+`table`: the table and the model card's block; `deepmoe_arms`: the arms DeepMoE's
+trade-off studies share)."""
 
 import importlib
 
-PAPERS = ("deepmoe", "two_domain", "eigen", "shazeer", "routing")
+PAPERS = ("deepmoe", "deepmoe_ladder", "deepmoe_frontier", "deepmoe_long", "two_domain",
+          "eigen", "shazeer", "routing")
 
 
 def get_study(paper):

@@ -72,6 +72,17 @@ class Study:
     comparisons: list
     flags: object  # flags(arm_name, budget) -> the budget's flags of an arm
     notes: str = ""
+    # Other studies whose results files (beside this one's) hold runs this study counts:
+    # a row there of the same budget and settings fingerprint as one of this study's arms
+    # stands for that arm (identical runs are trained once; `running.study_rows`).
+    reuses: tuple = ()
+    # report(table rows by arm) -> (JSON-able dict, markdown lines): a study's own
+    # summary beyond the per-arm table (e.g. the frontier's verdict), or None.
+    report: object = None
+    # figure(table rows by arm, path): draws the study's plot; `figure_file` is where the
+    # card expects it (relative to the repository).
+    figure: object = None
+    figure_file: str = None
 
 
 def numpy_split(name, split, seed, normalize, size):

@@ -50,6 +50,43 @@ def settings_id(command):
     return hashlib.sha1(json.dumps(kept).encode()).hexdigest()[:12]
 
 
+def repository_relative(token):
+    """`token` with this repository's path made relative (rows name the files of the
+    copy that ran them as the repository's own), the interpreter as `python3`."""
+    if token == sys.executable:
+        return "python3"
+    if token == str(REPO) or token.startswith(str(REPO) + os.sep):
+        return os.path.relpath(token, REPO)
+    return token
+
+
+def arm_fingerprints(study, deterministic=True):
+    """`{(budget name, settings fingerprint): arm name}` of every arm and budget."""
+    return {(budget, settings_id(train_command(study, arm, budget, 0, pathlib.Path("RUN"),
+                                               deterministic))): arm.name
+            for budget in study.budgets for arm in study.arms}
+
+
+def study_rows(study, results, deterministic=True):
+    """The rows of `results`, and those of the studies in `study.reuses` (their results
+    files beside it) that ran one of this study's arms with the same settings
+    (budget and fingerprint), relabelled with this study's paper and arm name and
+    marked `reused_from`; a row of this study's own file wins over a reused one."""
+    rows = read_rows(results)
+    have = {(r.get("arm"), r.get("seed"), r.get("budget"), r.get("settings_id")) for r in rows}
+    wanted = arm_fingerprints(study, deterministic)
+    for paper in study.reuses:
+        for row in read_rows(pathlib.Path(results).parent / f"{paper}.jsonl"):
+            arm = wanted.get((row.get("budget"), row.get("settings_id")))
+            key = (arm, row.get("seed"), row.get("budget"), row.get("settings_id"))
+            if arm is None or key in have:
+                continue
+            rows.append(dict(row, paper=study.paper, arm=arm, reused_from=paper,
+                             reused_arm=row.get("arm")))
+            have.add(key)
+    return rows
+
+
 def code_commit():
     """The commit of the code being run: `$KERAS_MOE_CODE_COMMIT` (a frozen copy
     without git), else `git rev-parse HEAD` here, with `+dirty` if tracked code
@@ -81,7 +118,11 @@ def run_study(study, budget_name, results, runs_dir, *, seeds=None, arms=None,
     budget = study.budgets[budget_name]
     seeds = range(budget["seeds"] if seeds is None else seeds)
     chosen = [a for a in study.arms if arms is None or a.name in arms]
-    done = {(r["arm"], r["seed"], r["budget"], r["settings_id"]) for r in read_rows(results)}
+    rows = study_rows(study, results, deterministic)
+    done = {(r["arm"], r["seed"], r["budget"], r["settings_id"]) for r in rows}
+    sources = {(r["arm"], r["seed"], r["budget"], r["settings_id"]):
+               pathlib.Path(results).parent / f"{r['reused_from']}.jsonl"
+               for r in rows if r.get("reused_from")}
     commit = code_commit()
     import keras_moe
 
@@ -103,7 +144,7 @@ def run_study(study, budget_name, results, runs_dir, *, seeds=None, arms=None,
             if command[0] == "keras-moe" and shutil.which("keras-moe") is None:
                 command = [sys.executable, "-m", "keras_moe"] + command[1:]
             if key in done:
-                log(f"skip {study.paper} {arm.name} seed {seed}: in {results}")
+                log(f"skip {study.paper} {arm.name} seed {seed}: in {sources.get(key, results)}")
                 continue
             started = time.time()
             if not _finished(run_dir):
@@ -133,8 +174,10 @@ def run_study(study, budget_name, results, runs_dir, *, seeds=None, arms=None,
                 "epochs": report.get("epochs"), "training_seconds": report.get("training_seconds"),
                 "wall_seconds": round(time.time() - started, 1),
                 "metrics": metrics,
-                "command": shlex.join(command),
-                "code_commit": commit, "code_path": code,
+                # Paths relative to the repository (the run's cwd): runs from a frozen
+                # copy and from a checkout read alike.
+                "command": shlex.join(repository_relative(c) for c in command),
+                "code_commit": commit, "code_path": repository_relative(code),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
             append_row(results, row)

@@ -96,12 +96,23 @@ def compute_table(study, rows, budget_name, deterministic=True):
                             "decimals": comparison.decimals, "seeds": seeds,
                             **summarize(values)})
     budget = study.budgets[budget_name]
+    report = study.report(by_arm) if study.report else None
     planned = {(a.name, s) for a in study.arms for s in range(budget["seeds"])}
     done = {(r["arm"], r["seed"]) for r in rows}
     return {"paper": study.paper, "budget": budget_name, "budget_settings": budget,
             "runs_done": len(done & planned), "runs_planned": len(planned),
             "runs_beyond_plan": len(done - planned),
-            "rows_with_other_settings": stale, "arms": arms, "comparisons": comparisons}
+            "rows_with_other_settings": stale, "arms": arms, "comparisons": comparisons,
+            "reused_rows": sum(1 for r in rows if r.get("reused_from")),
+            **({"report": report} if report is not None else {})}
+
+
+def runs_by_arm(study, rows, budget_name, deterministic=True):
+    """`{arm: {seed: metrics}}` of the rows run with today's settings (`current_rows`)."""
+    by_arm = {}
+    for row in current_rows(study, rows, budget_name, deterministic)[0]:
+        by_arm.setdefault(row["arm"], {})[row["seed"]] = row["metrics"]
+    return by_arm
 
 
 def _number(value, decimals):
@@ -125,6 +136,9 @@ def format_table(study, table):
                  for k, v in table["budget_settings"].items() if k != "seeds") + "."
              + (f" Also {table['runs_beyond_plan']} runs of further seeds."
                 if table["runs_beyond_plan"] else "")]
+    if table.get("reused_rows"):
+        lines.append(f"({table['reused_rows']} of these runs are rows of another study with "
+                     "the same settings, counted here: " + ", ".join(study.reuses) + ".)")
     if table["rows_with_other_settings"]:
         lines.append(f"({table['rows_with_other_settings']} rows of this budget were run with "
                      "other settings and are left out.)")
@@ -148,6 +162,8 @@ def format_table(study, table):
             lines.append(f"| {entry['label']} | {metric} ({what}) | {entry['n']} | "
                          f"{_number(entry['mean'], d)} | {_number(entry['std'], d)} | "
                          f"{_interval(entry)} |")
+    if table.get("report"):
+        lines += [""] + table["report"]["lines"]
     if study.notes:
         lines += ["", study.notes]
     return "\n".join(lines)
@@ -163,7 +179,7 @@ def format_markdown(study, table, results):
         command = [("python3" if c == sys.executable else
                     os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c) for c in command]
         lines.append(f"- `{arm.name}` ({arm.description}): `{shlex.join(command)}`")
-    flag = "" if budget == "full" else f" --budget {budget}"
+    flag = "" if budget == next(iter(study.budgets)) else f" --budget {budget}"
     shown = (os.path.relpath(results, REPO) if str(pathlib.Path(results).resolve()).startswith(
         str(REPO)) else str(results))
     lines += ["", f"Printed from `{shown}` alone by `python3 examples/study.py {study.paper}"

@@ -63,8 +63,10 @@ builder accepts (`inspect.signature` of `keras_moe.zoo.get_builder`):
   4} (k <= number of experts), importance and load weights (log scale, a decade either
   side of the recipe's value: the paper's 0.1 gives [0.01, 1]).
 - t-SNE gated MoE (`tsne_moe`): number of experts, k as above, `tsne_weight` (log).
-- DeepMoE: lambda (`gate_l1`, log) and mu (`embedding_loss_weight`, log), each a decade
-  either side of the recipe's value.
+- DeepMoE: lambda (`gate_l1`, log-uniform over [1, 100], the range where a fixed lambda
+  moves the gate density from all open to all closed on this package's scale:
+  `space.GATE_L1_RANGE`) and mu (`embedding_loss_weight`, log, a decade either side of
+  the recipe's value).
 - Eigen et al. (`dmoe_*`): experts per layer (halved, as is, doubled) and the
   assignment-constraint margin (log).
 - Two-domain MoE: its gate losses' alpha and beta (log).

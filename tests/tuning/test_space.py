@@ -53,6 +53,11 @@ def test_the_default_space_follows_the_model_family(recipe):
     for name, keys in expected.items():
         space = tuning.default_search_space(cli.recipe_for_model(name, 2))
         assert space.keys == keys + ["optimizer.learning_rate"], name
+    # DeepMoE's lambda: log-uniform over the range where a fixed lambda moves the density.
+    deepmoe = tuning.default_search_space(cli.recipe_for_model("deepmoe_resnet56", 2))
+    gate_l1 = deepmoe["losses.gate_l1"]
+    assert (gate_l1.low, gate_l1.high, gate_l1.log) == (1.0, 100.0, True)
+    assert gate_l1.default == 1.0  # the builder's 0.1, raised into the range
     eigen = tuning.default_search_space(cli.recipe_for_model("dmoe_mnist", 2))
     assert eigen["model.experts"].values == ("[2, 2]", "[4, 4]", "[8, 8]")
 

@@ -78,7 +78,8 @@ def test_families_carry_phases_tuning_and_phase_settings():
     settings = {name: sorted(family.phase_settings)
                 for name, family in zoo.list_families().items()}
     assert settings == {
-        "deepmoe": ["embedding_loss_weight", "freeze_gating", "gate_density_target", "gate_l1"],
+        "deepmoe": ["embedding_loss_weight", "freeze_gating", "gate_density_target", "gate_l1",
+                    "spread_gate_heads"],
         "convnet": [], "eigen": ["assignment_constraint"], "shazeer": [],
         "tsne": ["tsne_map_epochs"], "two_domain": []}
     assert dict(zoo.get_family("sparse_moe_classifier").search_space) == {

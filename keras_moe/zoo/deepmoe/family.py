@@ -6,7 +6,10 @@ fine-tuning with the embedding and gate heads frozen and lambda = mu = 0 (Wang e
 paper's CIFAR schedule being 270 + 80). Their phases may set `freeze_gating`, `gate_l1`
 (lambda), `embedding_loss_weight` (mu) and `gate_density_target` (a controller that
 steers lambda to an open-gate fraction; the gate heads then start spread,
-`keras_moe.training.deepmoe.spread_gate_heads`). `keras-moe tune` searches lambda and mu.
+`keras_moe.training.deepmoe.spread_gate_heads`; `false`: no controller, lambda stays
+where `gate_l1` put it, the paper's way). The first phase may set `spread_gate_heads`
+(true or false) to choose the heads' start whatever the controller. `keras-moe tune`
+searches lambda (log-uniformly over the decades that move the gate density) and mu.
 
 The plain baselines (ResNets, VGG-16, DRN-A) train in one phase and tune only what
 every family tunes (the learning rate).
@@ -37,15 +40,32 @@ def _coefficient(key):
 def _density_controller(model, value, context):
     from keras_moe.training.deepmoe import GateDensityTarget  # the controller is a callback
 
+    if value is False:  # lambda fixed: the paper's Procedure 1
+        return []
     if context.probe is None:
         raise ValueError(f"phase {context.phase.name!r}: gate_density_target needs data to "
                          "measure the gate density on")
     return [GateDensityTarget(value, data=context.probe)]
 
 
-def _spread_heads(model, value):
+# The model attribute that records an explicit `spread_gate_heads` choice, so that the
+# controller's build step (run after it: `phase_settings` order) leaves the heads alone.
+_SPREAD_CHOSEN = "_keras_moe_spread_gate_heads_chosen"
+
+
+def _spread_heads_choice(model, value):
     from keras_moe.training.deepmoe import spread_gate_heads
 
+    setattr(model, _SPREAD_CHOSEN, bool(value))
+    if value:
+        spread_gate_heads(model)
+
+
+def _spread_heads_for_controller(model, value):
+    from keras_moe.training.deepmoe import spread_gate_heads
+
+    if value is False or getattr(model, _SPREAD_CHOSEN, None) is not None:
+        return
     # The density controller needs gates that close one by one, not all together.
     spread_gate_heads(model)
 
@@ -54,13 +74,15 @@ DEEPMOE = register_family(ModelFamily(
     name="deepmoe",
     description="DeepMoE (Wang et al. 2019): gated convolutions, shallow embedding",
     default_phases=_procedure_1,
-    search_space=(("gate_l1", "decade"), ("embedding_loss_weight", "decade")),
+    search_space=(("gate_l1", "gate_l1"), ("embedding_loss_weight", "decade")),
     phase_settings={
         "freeze_gating": PhaseSetting(apply=_freeze_gating),
         "gate_l1": PhaseSetting(apply=_coefficient("gate_l1")),
         "embedding_loss_weight": PhaseSetting(apply=_coefficient("embedding_loss_weight")),
+        # Before gate_density_target: the build steps run in this order.
+        "spread_gate_heads": PhaseSetting(on_build=_spread_heads_choice),
         "gate_density_target": PhaseSetting(callbacks=_density_controller,
-                                            on_build=_spread_heads),
+                                            on_build=_spread_heads_for_controller),
     },
 ))
 

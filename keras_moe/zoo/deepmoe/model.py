@@ -143,7 +143,8 @@ class DeepMoEObjective(ReplicaLocalLossesMixin, keras.layers.Layer):
 
     (eq. 8 divided by the number of gated channels: every channel weighs alike and L_g
     is 1.0 with every gate at 1, so `gate_l1` has a scale independent of depth and
-    width) with `add_loss`, and keeps the embedding logits of this replica for
+    width; the paper's lambda is `gate_l1 / sum_l C_l`, e.g. / 288 for wide ResNet-8
+    and / 176 for narrow, so its [0.001, 8] is [0.29, 2304] there) with `add_loss`, and keeps the embedding logits of this replica for
     `DeepMoEModel.compute_loss`, which adds `embedding_loss_weight * CE(e, y)`.
 
     Both coefficients are non-trainable weights (saved with the model): setting them
