@@ -192,10 +192,22 @@ class HubMoEBlock(keras.layers.Layer):
         return config
 
 
+# Families keras-hub has that `sparsify` does not convert, and why.
+NOT_CONVERTED = {
+    "Gemma4Backbone": "Gemma4's router and expert bank are two layers fed different "
+                      "inputs (raw and pre-normed hidden states) with a per-expert output "
+                      "scale; not converted yet",
+}
+
+
 def _family_of(backbone):
     for cls in type(backbone).__mro__:
         if cls.__name__ in FAMILIES:
             return cls.__name__
+        if cls.__name__ in NOT_CONVERTED:
+            raise ValueError(
+                f"sparsify: {cls.__name__}: {NOT_CONVERTED[cls.__name__]}. Supported "
+                f"families: {', '.join(SUPPORTED_FAMILIES)}.")
     raise ValueError(
         f"sparsify: {type(backbone).__name__} is not a supported keras-hub MoE backbone; "
         f"supported families: {', '.join(SUPPORTED_FAMILIES)} "
