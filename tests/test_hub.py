@@ -33,7 +33,7 @@ FAMILIES = {
     "qwen3_5_moe": ("Qwen3_5MoeBackbone", "Qwen3_5MoeCausalLM", dict(
         head_dim=8, moe_intermediate_dim=8, shared_expert_intermediate_size=16, top_k=2,
         linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
-        linear_value_head_dim=8)),
+        linear_value_head_dim=8, layer_types=["full_attention", "full_attention"])),
     "gpt_oss": ("GptOssBackbone", "GptOssCausalLM", dict(intermediate_dim=8, top_k=2,
                                                          head_dim=8)),
 }
