@@ -10,7 +10,7 @@ rest of the model (attention, norms, embeddings, the non-MoE feed-forward layers
 Needs keras-hub (`pip install --no-deps keras-hub==0.32.0 tokenizers`; see the README).
 """
 
-from keras_moe.hub.sparsify import (
+from keras_moe.hub.convert import (
     SUPPORTED_FAMILIES,
     HubMoEBlock,
     sparse_backbone_class,
