@@ -138,8 +138,8 @@ def main(argv=None):
     parser.add_argument("--experts", nargs="+", type=int, default=[8, 64, 128])
     parser.add_argument("--dim", type=int, default=128, help="hidden size d")
     parser.add_argument("--width", type=int, default=128, help="expert width f")
-    parser.add_argument("--tokens", type=int, default=256, help="batch x sequence")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=2048, help="batch x sequence (prefill)")
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
 
     import keras

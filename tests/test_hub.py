@@ -36,14 +36,21 @@ FAMILIES = {
         linear_value_head_dim=8, layer_types=["full_attention", "full_attention"])),
     "gpt_oss": ("GptOssBackbone", "GptOssCausalLM", dict(intermediate_dim=8, top_k=2,
                                                          head_dim=8)),
+    # Gemma4's MoE decoders (26B-A4B): a dense MLP beside the experts in every layer.
+    "gemma4": ("Gemma4Backbone", "Gemma4CausalLM", dict(
+        image_size=16, intermediate_dim=8, head_dim=8, enable_moe_block=True,
+        expert_intermediate_dim=8, num_experts_per_token=2, sliding_window_size=4)),
 }
 PROMPT, LENGTH = 4, 8
 
 
-def _inputs():
+def _inputs(name=None):
     rng = np.random.default_rng(0)
     ids = rng.integers(1, VOCAB, (2, LENGTH)).astype("int32")
-    return {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype=bool)}
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype=bool)}
+    if name == "gemma4":  # Gemma4's backbone also takes the positions
+        inputs["position_ids"] = np.tile(np.arange(LENGTH, dtype="int32"), (2, 1))
+    return inputs
 
 
 def _prompt():
@@ -69,7 +76,7 @@ def family(request):
     for w in backbone.trainable_weights:  # away from the initializers' zeros and ones
         w.assign(rng.normal(0, 0.5, w.shape).astype(w.dtype))
     causal_lm = getattr(keras_hub.models, lm_name)(backbone=backbone, preprocessor=None)
-    logits = to_numpy(causal_lm(_inputs()))
+    logits = to_numpy(causal_lm(_inputs(request.param)))
     tokens = _generate(causal_lm)
     hub.sparsify(causal_lm)
     return request.param, causal_lm, logits, tokens
@@ -78,11 +85,15 @@ def family(request):
 def test_logits_equal_keras_hubs(family):
     name, causal_lm, logits, _ = family
     blocks = [layer for layer in causal_lm.backbone._flatten_layers()
-              if isinstance(layer, hub.HubMoEBlock)]
+              if isinstance(layer, (hub.HubMoEBlock, hub.HubExpertBank))]
     assert len(blocks) == COMMON["num_layers"]
-    assert all(isinstance(block.moe, MoEDense) for block in blocks)
+    assert all(isinstance(block, hub.HubExpertBank) or isinstance(block.moe, MoEDense)
+               for block in blocks)
+    hub_classes = tuple(type(layer).__name__ for layer in causal_lm.backbone._flatten_layers())
+    assert not {"MixtralSparseMoeBlock", "Gemma4MoEBlock", "GptOssExperts"} & set(hub_classes)
     assert type(causal_lm.backbone).__name__ == "Sparse" + FAMILIES[name][0]
-    np.testing.assert_allclose(to_numpy(causal_lm(_inputs())), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(causal_lm(_inputs(name))), logits,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_generate_gives_the_same_tokens(family):
@@ -99,14 +110,16 @@ def test_keras_file_round_trip_keeps_the_logits(family, tmp_path):
     causal_lm.save(path)
     restored = keras.saving.load_model(path)
     assert type(restored.backbone).__name__ == "Sparse" + FAMILIES[name][0]
-    assert any(isinstance(layer, hub.HubMoEBlock)
+    assert any(isinstance(layer, (hub.HubMoEBlock, hub.HubExpertBank))
                for layer in restored.backbone._flatten_layers())
-    np.testing.assert_allclose(to_numpy(restored(_inputs())), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(restored(_inputs(name))), logits,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_models_are_refused_naming_the_families():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="mixtral, qwen_moe, qwen3_moe, qwen3_5_moe, gpt_oss"):
+    with pytest.raises(ValueError,
+                       match="mixtral, qwen_moe, qwen3_moe, qwen3_5_moe, gpt_oss, gemma4"):
         hub.sparsify(model)
 
 

@@ -4,9 +4,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_moe import expert_parallel, regularizers
+from keras_moe.layers import dispatch as dispatch_lib
+from keras_moe.layers.experts import GATED_EXPERTS, StackedExperts
 from keras_moe.layers.gates import SoftmaxGate
 from keras_moe.layers.moe_dense import MoEDense
-from keras_moe import regularizers
 
 # Options `sparsify` accepts and a sparsified backbone's config keeps.
 DISPATCH_MODES = ("sparse", "capacity", "dense")
@@ -117,6 +119,130 @@ def _gpt_oss(block):
     return spec, weights
 
 
+@keras.saving.register_keras_serializable(package="keras_moe")
+class HubExpertBank(StackedExperts, keras.layers.Layer):
+    """Stacked gated experts run only on their tokens, for a router that is elsewhere.
+
+    Called as `bank(tokens, dispatch_weights)` (Gemma4's expert bank: the decoder runs
+    its own router on other inputs and passes (tokens, experts) combine weights with
+    `top_k` non-zero entries per row): the `top_k` largest weights of each row choose the
+    experts, and `sum_j w_j * scale_e_j * expert_e_j(x)` is computed with `MoEDense`'s
+    experts and dispatch (`per_expert_scale`: Gemma4's learnable output scale of each
+    expert, applied to its combine weight).
+
+    Args:
+        units: Output width of every expert (the hidden size).
+        num_experts: Number of experts.
+        top_k: Experts per token (non-zero entries of each dispatch-weight row).
+        expert_hidden_units: Width of the gate and up projections.
+        gated_experts: One of `keras_moe.layers.experts.GATED_EXPERTS`.
+        dispatch: `"sparse"` (dropless), `"capacity"` or `"dense"`.
+        capacity_factor: Capacity dispatch's slack.
+        **kwargs: Base layer arguments.
+
+    Example:
+
+    >>> bank = HubExpertBank(16, num_experts=4, top_k=2, expert_hidden_units=8)
+    >>> weights = np.array([[0.5, 0.5, 0.0, 0.0]] * 3, "float32")
+    >>> bank(np.zeros((3, 16), "float32"), weights).shape
+    (3, 16)
+    """
+
+    def __init__(self, units, num_experts, top_k, expert_hidden_units,
+                 gated_experts="geglu_tanh", dispatch="sparse", capacity_factor=1.25,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.num_experts = int(num_experts)
+        self.top_k = int(top_k)
+        self.expert_hidden_units = int(expert_hidden_units)
+        if gated_experts not in GATED_EXPERTS:
+            raise ValueError(f"`gated_experts` must be one of {GATED_EXPERTS}; got "
+                             f"{gated_experts!r}.")
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"`dispatch` must be one of {DISPATCH_MODES}; got {dispatch!r}.")
+        self.gated_experts = gated_experts
+        self.dispatch = dispatch
+        self.capacity_factor = float(capacity_factor)
+        # What StackedExperts reads: no biases, no shared experts, no placement.
+        self.use_bias = False
+        self.num_shared_experts = 0
+        self.shared_expert_gate = False
+        self.expert_devices = None
+        self.activation = keras.activations.linear
+        self.expert_hidden_activation = keras.activations.linear
+        self.kernel_initializer = keras.initializers.get("glorot_uniform")
+        self.bias_initializer = keras.initializers.get("zeros")
+
+    def build(self, input_shape, dispatch_weights_shape=None):
+        input_dim = input_shape[-1]
+        with expert_parallel.expert_weights(self.num_experts):
+            self._build_experts(input_dim)
+        self._build_shared_experts(input_dim)
+        self.per_expert_scale = self.add_weight(name="per_expert_scale",
+                                                shape=(self.num_experts,),
+                                                initializer="ones")
+
+    def _bookkeeping_variables(self):
+        return [self.per_expert_scale]  # saved after the expert weights
+
+    def call(self, tokens, dispatch_weights):
+        weights = ops.cast(dispatch_weights, "float32")
+        top_gates, top_indices = ops.top_k(weights, self.top_k)
+        top_indices = ops.cast(top_indices, "int32")
+        top_gates = top_gates * ops.take(ops.cast(self.per_expert_scale, "float32"),
+                                         top_indices)
+        if self.dispatch == "sparse":
+            return dispatch_lib.sparse_dispatch(tokens, top_indices, top_gates,
+                                                self.num_experts, self._grouped_experts)
+        if self.dispatch == "dense":
+            gates = weights * ops.cast(self.per_expert_scale, "float32")[None, :]
+            return dispatch_lib.dense_combine(
+                self._batched_experts(ops.expand_dims(tokens, 0)), gates)
+        static = tokens.shape[0]
+        capacity = dispatch_lib.expert_capacity(
+            static if static is not None else ops.shape(tokens)[0], self.top_k,
+            self.num_experts, self.capacity_factor)
+        outputs, _ = dispatch_lib.capacity_dispatch(tokens, top_indices, top_gates,
+                                                    self.num_experts, capacity,
+                                                    self._batched_experts)
+        return outputs
+
+    def compute_output_shape(self, input_shape, dispatch_weights_shape=None):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"units": self.units, "num_experts": self.num_experts,
+                       "top_k": self.top_k, "expert_hidden_units": self.expert_hidden_units,
+                       "gated_experts": self.gated_experts, "dispatch": self.dispatch,
+                       "capacity_factor": self.capacity_factor})
+        return config
+
+
+def _gemma4_bank(decoder, options):
+    """Gemma4: its router stays (it reads other inputs than the experts); the expert
+    bank becomes a `HubExpertBank` (GeGLU, tanh GELU), `top_k` from the router."""
+    if options["balance_loss"] not in (None, "family"):
+        raise ValueError(
+            "sparsify: Gemma4 keeps its own router, so `balance_loss` cannot be added to "
+            "its MoE blocks (keras-hub's Gemma4 has no auxiliary loss); pass "
+            "balance_loss=None or 'family'.")
+    bank = decoder.moe_expert_bank
+    gate, up, down = _np(bank.gate_proj), _np(bank.up_proj), _np(bank.down_proj)
+    num_experts, hidden, width = gate.shape
+    new = HubExpertBank(hidden, num_experts, decoder.moe_router.num_experts_per_token,
+                        width, gated_experts="geglu_tanh", dispatch=options["dispatch"],
+                        capacity_factor=options["capacity_factor"], name=bank.name,
+                        dtype=bank.dtype_policy)
+    new.build((None, hidden))
+    new.gate_kernel.assign(gate)
+    new.hidden_kernel.assign(up)
+    new.kernel.assign(down)
+    new.per_expert_scale.assign(_np(bank.per_expert_scale))
+    return new
+
+
 # Backbone class name -> (family, decoder attribute holding the MoE block, block class
 # name, converter).
 FAMILIES = {
@@ -125,6 +251,7 @@ FAMILIES = {
     "Qwen3MoeBackbone": ("qwen3_moe", "mlp", "Qwen3SparseMoeBlock", _qwen3_moe),
     "Qwen3_5MoeBackbone": ("qwen3_5_moe", "mlp", "Qwen3_5MoeSparseMoeBlock", _qwen3_5_moe),
     "GptOssBackbone": ("gpt_oss", "sparse_moe_block", "GptOssSparseMoeBlock", _gpt_oss),
+    "Gemma4Backbone": ("gemma4", "moe_expert_bank", "Gemma4MoEBlock", None),
 }
 SUPPORTED_FAMILIES = tuple(family for family, _, _, _ in FAMILIES.values())
 
@@ -193,11 +320,7 @@ class HubMoEBlock(keras.layers.Layer):
 
 
 # Families keras-hub has that `sparsify` does not convert, and why.
-NOT_CONVERTED = {
-    "Gemma4Backbone": "Gemma4's router and expert bank are two layers fed different "
-                      "inputs (raw and pre-normed hidden states) with a per-expert output "
-                      "scale; not converted yet",
-}
+NOT_CONVERTED = {}
 
 
 def _family_of(backbone):
@@ -276,7 +399,9 @@ def _sparsify_backbone(backbone, options):
         block = getattr(decoder, attribute, None)
         if block is None or type(block).__name__ != block_class:
             continue  # a dense feed-forward layer (e.g. Qwen-MoE's mlp_only_layers)
-        _replace_attribute(decoder, attribute, _converted_block(block, converter, options))
+        new = (_gemma4_bank(decoder, options) if converter is None
+               else _converted_block(block, converter, options))
+        _replace_attribute(decoder, attribute, new)
         replaced += 1
     if not replaced:
         raise ValueError(
