@@ -127,3 +127,14 @@ def test_a_sparsified_model_is_not_sparsified_twice(family):
     _, causal_lm, _, _ = family
     with pytest.raises(ValueError, match="already sparsified"):
         hub.sparsify(causal_lm)
+
+
+def test_expert_use_reports_each_blocks_assignment_shares(family):
+    name, causal_lm, _, _ = family
+    shares = hub.expert_use(causal_lm, _inputs(name))
+    assert len(shares) == COMMON["num_layers"]
+    for share in shares.values():
+        assert share.shape == (COMMON["num_experts"],)
+        np.testing.assert_allclose(share.sum(), 1.0)
+        # 2 x 8 tokens, top-2: shares are multiples of 1 / 32 assignments
+        np.testing.assert_allclose(share * 32, np.round(share * 32), atol=1e-9)

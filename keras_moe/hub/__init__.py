@@ -16,8 +16,10 @@ from keras_moe.hub.convert import (
     SUPPORTED_FAMILIES,
     HubExpertBank,
     HubMoEBlock,
+    expert_use,
     sparse_backbone_class,
     sparsify,
 )
 
-__all__ = ["SUPPORTED_FAMILIES", "HubExpertBank", "HubMoEBlock", "sparse_backbone_class", "sparsify"]
+__all__ = ["SUPPORTED_FAMILIES", "HubExpertBank", "HubMoEBlock", "expert_use",
+           "sparse_backbone_class", "sparsify"]

@@ -190,6 +190,7 @@ class HubExpertBank(StackedExperts, keras.layers.Layer):
         weights = ops.cast(dispatch_weights, "float32")
         top_gates, top_indices = ops.top_k(weights, self.top_k)
         top_indices = ops.cast(top_indices, "int32")
+        _record(self, weights)
         top_gates = top_gates * ops.take(ops.cast(self.per_expert_scale, "float32"),
                                          top_indices)
         if self.dispatch == "sparse":
@@ -256,6 +257,51 @@ FAMILIES = {
 SUPPORTED_FAMILIES = tuple(family for family, _, _, _ in FAMILIES.values())
 
 
+def _record(block, gates):
+    """Keeps a block's (tokens, experts) gates while `expert_use` runs the model."""
+    recorded = getattr(block, "_expert_use_gates", None)
+    if recorded is not None:
+        recorded.append(ops.convert_to_numpy(gates).reshape(-1, gates.shape[-1]))
+
+
+def expert_use(model, inputs):
+    """Each converted MoE block's share of the token-assignments per expert.
+
+    Runs `model` once, eagerly and in inference mode, on `inputs`, and reads the gates of
+    every `HubMoEBlock` and `HubExpertBank` of a sparsified model.
+
+    Args:
+        model: A model sparsified by `sparsify`.
+        inputs: Its inputs (e.g. `{"token_ids": ..., "padding_mask": ...}`).
+
+    Returns:
+        Dict of block path (`"transformer_layer_0/..."`) to a (experts,) numpy array of
+        assignment shares (summing to 1), in the order of the decoder layers.
+
+    Example:
+
+    >>> shares = expert_use(causal_lm, {"token_ids": ids, "padding_mask": mask})
+    """
+    backbone = getattr(model, "backbone", model)
+    blocks = [layer for layer in backbone._flatten_layers()
+              if isinstance(layer, (HubMoEBlock, HubExpertBank))]
+    if not blocks:
+        raise ValueError("expert_use: the model has no block converted by sparsify.")
+    for block in blocks:
+        object.__setattr__(block, "_expert_use_gates", [])
+    try:
+        model(inputs, training=False)
+        gates = {block.path: np.concatenate(block._expert_use_gates) for block in blocks}
+    finally:
+        for block in blocks:
+            object.__setattr__(block, "_expert_use_gates", None)
+    shares = {}
+    for path, values in gates.items():
+        counts = (values > 0).sum(axis=0).astype("float64")
+        shares[path] = counts / counts.sum()
+    return shares
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class HubMoEBlock(keras.layers.Layer):
     """A keras-hub MoE block's stand-in: an `MoEDense`, called as keras-hub calls it.
@@ -300,6 +346,7 @@ class HubMoEBlock(keras.layers.Layer):
     def call(self, hidden_states, attention_mask=None, training=None):
         outputs, gates = self.moe(hidden_states, training=training)
         num_experts = self.moe.num_experts
+        _record(self, gates)
         if self.router_output == "gates":
             return outputs, ops.cast(ops.reshape(gates, (-1, num_experts)), outputs.dtype)
         gate = self.moe.gate
