@@ -275,7 +275,7 @@ def expert_use(model, inputs):
         inputs: Its inputs (e.g. `{"token_ids": ..., "padding_mask": ...}`).
 
     Returns:
-        Dict of block path (`"transformer_layer_0/..."`) to a (experts,) numpy array of
+        Dict of `"<decoder layer>/<block>"` names to a (experts,) numpy array of
         assignment shares (summing to 1), in the order of the decoder layers.
 
     Example:
@@ -283,17 +283,21 @@ def expert_use(model, inputs):
     >>> shares = expert_use(causal_lm, {"token_ids": ids, "padding_mask": mask})
     """
     backbone = getattr(model, "backbone", model)
-    blocks = [layer for layer in backbone._flatten_layers()
-              if isinstance(layer, (HubMoEBlock, HubExpertBank))]
+    blocks = {}  # "<decoder>/<block>" -> block, in the order of the decoders
+    for decoder in getattr(backbone, "transformer_layers", []):
+        for layer in decoder._flatten_layers(include_self=False):
+            if isinstance(layer, (HubMoEBlock, HubExpertBank)):
+                blocks[f"{decoder.name}/{layer.name}"] = layer
     if not blocks:
         raise ValueError("expert_use: the model has no block converted by sparsify.")
-    for block in blocks:
+    for block in blocks.values():
         object.__setattr__(block, "_expert_use_gates", [])
     try:
         model(inputs, training=False)
-        gates = {block.path: np.concatenate(block._expert_use_gates) for block in blocks}
+        gates = {path: np.concatenate(block._expert_use_gates)
+                 for path, block in blocks.items()}
     finally:
-        for block in blocks:
+        for block in blocks.values():
             object.__setattr__(block, "_expert_use_gates", None)
     shares = {}
     for path, values in gates.items():
