@@ -29,7 +29,8 @@ import numpy as np
 
 __all__ = ["BenchmarkResult", "benchmark_recipe", "interleaved_medians", "run_suite", "SUITES"]
 
-SUITES = ("moe_dense", "moe_dense_breakdown", "deepmoe", "data_pipeline", "expert_parallel")
+SUITES = ("moe_dense", "moe_dense_breakdown", "deepmoe", "data_pipeline", "expert_parallel",
+          "keras_hub_moe")
 
 
 @dataclasses.dataclass

@@ -11,3 +11,8 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+# keras-hub for keras_moe.hub and tests/test_hub.py, without its dependencies: its
+# tensorflow-text requirement would install a second TensorFlow (`tensorflow`) next to
+# tensorflow-cpu. What it imports on `import keras_hub` (tokenizers, regex) comes with
+# the test extra above; tensorflow-text is only needed by its tokenizers' TF paths.
+python3 -m pip install -q --disable-pip-version-check --no-deps "keras-hub==0.32.0"

@@ -210,7 +210,10 @@ def grouped_ffn(inputs, tokens_per_expert, layers, hidden_activation=None):
         tokens_per_expert: (experts,) int32 row count of each expert; sums to n.
         layers: List of `(kernel, bias)`: kernel (experts, in, out), bias (experts, out)
             or None. Tensors of the dtype of `inputs` (cast variables beforehand).
-        hidden_activation: Callable applied between layers; None for linear.
+        hidden_activation: Callable applied between layers; None for linear. It may
+            map a layer's output to a narrower one: a GLU (`keras_moe.layers.experts.
+            swiglu`) takes a `[gate | up]` layer of width 2h to the next layer's h
+            inputs (the gradient then goes through autodiff of the activation alone).
 
     Returns:
         (n, units) outputs of the last layer, before any output activation.

@@ -20,7 +20,48 @@ from keras import ops
 from keras_moe import validation
 from keras_moe.layers import dispatch as dispatch_lib
 
-EXPERT_WEIGHTS = ("hidden_kernel", "hidden_bias", "kernel", "bias")
+EXPERT_WEIGHTS = ("hidden_kernel", "hidden_bias", "gate_kernel", "gate_bias", "kernel", "bias")
+
+GATED_EXPERTS = ("swiglu", "geglu", "geglu_tanh", "clamped_swiglu")
+# GPT-OSS's clamped GLU (its reference implementation's constants).
+CLAMPED_SWIGLU_ALPHA = 1.702
+CLAMPED_SWIGLU_LIMIT = 7.0
+
+
+def _halves(h):
+    half = h.shape[-1] // 2
+    return h[..., :half], h[..., half:]
+
+
+def swiglu(h):
+    """`silu(gate) * up` of `h = [gate | up]` (last axis, two equal halves)."""
+    gate, up = _halves(h)
+    return ops.silu(gate) * up
+
+
+def geglu(h):
+    """`gelu(gate) * up` of `h = [gate | up]`, exact (erf) GELU."""
+    gate, up = _halves(h)
+    return keras.activations.gelu(gate, approximate=False) * up
+
+
+def geglu_tanh(h):
+    """`gelu(gate) * up` of `h = [gate | up]`, GELU's tanh approximation (Gemma)."""
+    gate, up = _halves(h)
+    return keras.activations.gelu(gate, approximate=True) * up
+
+
+def clamped_swiglu(h):
+    """GPT-OSS's GLU of `h = [gate | up]`: with `gate = min(gate, 7)` and `up =
+    clip(up, -7, 7)`, `(up + 1) * gate * sigmoid(1.702 gate)`."""
+    gate, up = _halves(h)
+    gate = ops.minimum(gate, CLAMPED_SWIGLU_LIMIT)
+    up = ops.clip(up, -CLAMPED_SWIGLU_LIMIT, CLAMPED_SWIGLU_LIMIT)
+    return (up + 1.0) * gate * ops.sigmoid(CLAMPED_SWIGLU_ALPHA * gate)
+
+
+GLU_FUNCTIONS = {"swiglu": swiglu, "geglu": geglu, "geglu_tanh": geglu_tanh,
+                 "clamped_swiglu": clamped_swiglu}
 
 
 def check_expert_devices(devices, num_experts):
@@ -72,8 +113,9 @@ def _per_expert(initializer, num_experts):
 class StackedExperts:
     """Mixin of `MoEDense`: its routed and shared experts (see the module docstring).
 
-    The layer sets `num_experts`, `num_shared_experts`, `units`, `expert_hidden_units`,
-    `use_bias`, `activation`, `expert_hidden_activation`, `kernel_initializer`,
+    The layer sets `num_experts`, `num_shared_experts`, `shared_expert_gate`, `units`,
+    `expert_hidden_units`, `gated_experts`, `use_bias`, `activation`,
+    `expert_hidden_activation`, `kernel_initializer`,
     `bias_initializer` and `expert_devices`, and lists its non-weight variables in
     `_bookkeeping_variables()` (saved after the weights).
     """
@@ -87,6 +129,12 @@ class StackedExperts:
                           self.kernel_initializer))
             if self.use_bias:
                 specs.append(("hidden_bias", (self.expert_hidden_units,), self.bias_initializer))
+            if self.gated_experts is not None:
+                specs.append(("gate_kernel", (input_dim, self.expert_hidden_units),
+                              self.kernel_initializer))
+                if self.use_bias:
+                    specs.append(("gate_bias", (self.expert_hidden_units,),
+                                  self.bias_initializer))
             width = self.expert_hidden_units
         specs.append(("kernel", (width, self.units), self.kernel_initializer))
         if self.use_bias:
@@ -128,8 +176,10 @@ class StackedExperts:
         """Each stacked expert weight as one (experts, ...) tensor, placed or not.
 
         Returns:
-            Dict of name (`"hidden_kernel"`, `"hidden_bias"`, `"kernel"`, `"bias"`, those
-            present) to tensor, in that order.
+            Dict of name (`"hidden_kernel"`, `"hidden_bias"`, `"gate_kernel"`,
+            `"gate_bias"`, `"kernel"`, `"bias"`, those present) to tensor, in that
+            order. With gated experts `hidden_*` is the up projection and `gate_*` the
+            gate projection.
         """
         names = [name for name in EXPERT_WEIGHTS if name in self._expert_shards[0][1]]
         if len(self._expert_shards) == 1:
@@ -147,6 +197,7 @@ class StackedExperts:
         """The shared experts' stacked weights (replicated under expert parallelism:
         created outside `expert_weights()`), named `shared_<weight>`."""
         self._shared_weights = {}
+        self._shared_gate_kernel = None
         if not self.num_shared_experts:
             return
         for name, shape, initializer in self._expert_weight_specs(input_dim):
@@ -154,19 +205,54 @@ class StackedExperts:
                 name=f"shared_{name}", shape=(self.num_shared_experts,) + shape,
                 initializer=_per_expert(initializer, self.num_shared_experts),
             )
+        if self.shared_expert_gate:
+            # Saved after the shared experts' weights (see `save_own_variables`).
+            self._shared_gate_kernel = self.add_weight(
+                name="shared_expert_gate_kernel", shape=(input_dim, 1),
+                initializer=self.kernel_initializer,
+            )
 
     def _shared_expert_outputs(self, tokens):
-        """(tokens, units): the sum of every shared expert's output on every token."""
+        """(tokens, units): the sum of every shared expert's output on every token, times
+        `sigmoid(x w)` with `shared_expert_gate` (Qwen-MoE)."""
         weights = self._shared_weights
-        hidden_bias, bias = weights.get("hidden_bias"), weights.get("bias")
+        hidden_kernel, hidden_bias = self._first_layer(weights)
+        bias = weights.get("bias")
         outputs = self._expert(
             ops.expand_dims(tokens, 0),
-            weights.get("hidden_kernel"),
+            hidden_kernel,
             None if hidden_bias is None else hidden_bias[:, None, :],
             weights["kernel"],
             None if bias is None else bias[:, None, :],
         )
-        return ops.sum(outputs, axis=0)
+        outputs = ops.sum(outputs, axis=0)
+        if self._shared_gate_kernel is not None:
+            gate = ops.matmul(tokens, ops.cast(self._shared_gate_kernel, tokens.dtype))
+            outputs = outputs * ops.sigmoid(gate)
+        return outputs
+
+    def _first_layer(self, weights):
+        """(kernel, bias) of the experts' first layer from a dict of their weights; gated
+        experts: the gate and up projections side by side, `[gate | up]` on the last
+        axis (the GLU functions split it), so that every compute path runs them as one
+        matmul."""
+        kernel, bias = weights.get("hidden_kernel"), weights.get("hidden_bias")
+        if kernel is None or self.gated_experts is None:
+            return kernel, bias
+        kernel = ops.concatenate([weights["gate_kernel"], kernel], axis=-1)
+        if bias is not None:
+            bias = ops.concatenate([weights["gate_bias"], bias], axis=-1)
+        return kernel, bias
+
+    @property
+    def _hidden_activation(self):
+        if self.gated_experts is not None:
+            return GLU_FUNCTIONS[self.gated_experts]
+        return self.expert_hidden_activation
+
+    def _shared_variables(self):
+        gate = [] if self._shared_gate_kernel is None else [self._shared_gate_kernel]
+        return list(self._shared_weights.values()) + gate
 
     def save_own_variables(self, store):
         # The stacked expert weights first, then the shared experts', then the
@@ -174,18 +260,19 @@ class StackedExperts:
         # placement, so that files stay device-agnostic (a layer trained placed loads
         # unplaced, and back).
         values = list(self.stacked_expert_weights().values())
-        values += list(self._shared_weights.values()) + self._bookkeeping_variables()
+        values += self._shared_variables() + self._bookkeeping_variables()
         for index, value in enumerate(values):
             store[str(index)] = ops.convert_to_numpy(value)
 
     def load_own_variables(self, store):
         names = list(self.stacked_expert_weights())
-        others = list(self._shared_weights.values()) + self._bookkeeping_variables()
+        shared = self._shared_variables()
+        others = shared + self._bookkeeping_variables()
         if len(store.keys()) != len(names) + len(others):
             raise ValueError(
                 f"MoEDense '{self.name}' has {len(names) + len(others)} variables to load "
-                f"({names}, {len(self._shared_weights)} shared expert weights and "
-                f"{len(others) - len(self._shared_weights)} counters), the file has "
+                f"({names}, {len(shared)} shared expert weights and "
+                f"{len(others) - len(shared)} counters), the file has "
                 f"{len(store.keys())}."
             )
         for index, name in enumerate(names):
@@ -203,7 +290,7 @@ class StackedExperts:
             x = ops.matmul(x, hidden_kernel)
             if hidden_bias is not None:
                 x = x + hidden_bias
-            x = self.expert_hidden_activation(x)
+            x = self._hidden_activation(x)
         y = ops.matmul(x, kernel)
         if bias is not None:
             y = y + bias
@@ -243,11 +330,11 @@ class StackedExperts:
         inputs = iter(inputs)
 
         def compute(weights):
-            hidden_bias = weights.get("hidden_bias")
+            hidden_kernel, hidden_bias = self._first_layer(weights)
             bias = weights.get("bias")
             return self._expert(
                 next(inputs),
-                weights.get("hidden_kernel"),
+                hidden_kernel,
                 None if hidden_bias is None else hidden_bias[:, None, :],
                 weights["kernel"],
                 None if bias is None else bias[:, None, :],
@@ -276,10 +363,11 @@ class StackedExperts:
             piece_rows, piece_counts = next(work)
             layers = []
             if self.expert_hidden_units is not None:
-                layers.append((cast(weights["hidden_kernel"]), cast(weights.get("hidden_bias"))))
+                hidden_kernel, hidden_bias = self._first_layer(weights)
+                layers.append((cast(hidden_kernel), cast(hidden_bias)))
             layers.append((cast(weights["kernel"]), cast(weights.get("bias"))))
             return dispatch_lib.grouped_ffn(
-                piece_rows, piece_counts, layers, hidden_activation=self.expert_hidden_activation
+                piece_rows, piece_counts, layers, hidden_activation=self._hidden_activation
             )
 
         outputs = self._on_each_device(compute)

@@ -36,12 +36,17 @@ from keras_moe import validation
 def top_k_outputs(values, selection, k, normalize="softmax", scale=1.0):
     """The top-k gate outputs: the k largest `selection`, gates made of `values` there.
 
-    `normalize="softmax"`: a softmax over the chosen `values` (logits);
+    `normalize="softmax"`: a softmax over the chosen `values` (logits), which equals the
+    softmax over all experts renormalised over the chosen ones;
+    `"none"`: the softmax over all experts' `values` at the chosen ones, not renormalised
+    (they sum to less than 1);
     `"sum"`: the chosen `values` (positive scores) divided by their sum, times `scale`.
     """
     num_experts = values.shape[-1]
     top_indices, top_values = routing.choose_top_k(values, selection, k)
-    if normalize == "softmax":
+    if normalize == "none":
+        top_gates = ops.take_along_axis(ops.softmax(values, axis=-1), top_indices, axis=-1)
+    elif normalize == "softmax":
         # A softmax over one logit is identically 1 (and would warn); say so directly.
         top_gates = ops.softmax(top_values, axis=-1) if k > 1 else ops.ones_like(top_values)
     else:
@@ -55,12 +60,13 @@ def top_k_outputs(values, selection, k, normalize="softmax", scale=1.0):
     }
 
 
-def softmax_gate_outputs(logits, top_k, training, selection=None):
+def softmax_gate_outputs(logits, top_k, training, selection=None, normalize_top_k=True):
     """The gate-output dict of a gate that is a softmax over `logits` (float32).
 
     Soft gating (`top_k=None`) mixes every expert with `softmax(logits)` and marks the
     argmax expert in `"dispatch_mask"`; top-k gating softmaxes the k largest logits (or
-    the logits of the k largest `selection`, when the gate ranks on something else).
+    the logits of the k largest `selection`, when the gate ranks on something else),
+    or with `normalize_top_k=False` keeps the softmax over all logits at those k.
     Shared by every deterministic softmax gate (`SoftmaxGate`, `TSNEGate`).
     """
     num_experts = logits.shape[-1]
@@ -73,7 +79,8 @@ def softmax_gate_outputs(logits, top_k, training, selection=None):
             ),
         }
     else:
-        outputs = top_k_outputs(logits, logits if selection is None else selection, top_k)
+        outputs = top_k_outputs(logits, logits if selection is None else selection, top_k,
+                                normalize="softmax" if normalize_top_k else "none")
     outputs["logits"] = logits
     outputs["probs"] = probs
     outputs["load"] = hard_load(outputs["dispatch_mask"], training)
@@ -175,6 +182,13 @@ class SoftmaxGate(RoutingOptions, keras.layers.Layer):
             group-limited routing (with `top_k_groups`; a group scores the sum of its
             two best router probabilities, plus bias).
         top_k_groups: The groups each token keeps, 1 <= top_k_groups <= num_groups.
+        normalize_top_k: Top-k only. True: the chosen experts' gates are the softmax
+            over their logits, which is the softmax over all experts renormalised over
+            the chosen ones (Mixtral; Qwen-MoE's `norm_top_k_prob=True`; GPT-OSS's
+            top-k then softmax). False: the softmax over all experts, at the chosen
+            ones, not renormalised (Qwen-MoE's `norm_top_k_prob=False`).
+        use_bias: Whether the output logits have a bias (`bias`); the hidden layer
+            always has one.
         **kwargs: Base layer arguments.
 
     Example:
@@ -200,6 +214,8 @@ class SoftmaxGate(RoutingOptions, keras.layers.Layer):
         bias_update_rate=None,
         num_groups=None,
         top_k_groups=None,
+        normalize_top_k=True,
+        use_bias=True,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -209,6 +225,13 @@ class SoftmaxGate(RoutingOptions, keras.layers.Layer):
         self.hidden_units = validation.positive_int(
             "hidden_units", hidden_units, allow_none=True
         )
+        self.normalize_top_k = bool(normalize_top_k)
+        if not self.normalize_top_k and self.top_k is None:
+            raise ValueError(
+                "`normalize_top_k`=False keeps the router probabilities of the top k "
+                "experts: it needs `top_k`; got top_k=None."
+            )
+        self.use_bias = bool(use_bias)
         self.hidden_activation = keras.activations.get(hidden_activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -240,23 +263,28 @@ class SoftmaxGate(RoutingOptions, keras.layers.Layer):
             initializer=self.kernel_initializer,
             dtype="float32",
         )
-        self.bias = self.add_weight(
-            name="bias",
-            shape=(self.num_experts,),
-            initializer=self.bias_initializer,
-            dtype="float32",
-        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.num_experts,),
+                initializer=self.bias_initializer,
+                dtype="float32",
+            )
         self._build_routing()
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, "float32")
         if self.hidden_units is not None:
             x = self.hidden_activation(ops.matmul(x, self.hidden_kernel) + self.hidden_bias)
-        logits = ops.matmul(x, self.kernel) + self.bias
+        logits = ops.matmul(x, self.kernel)
+        if self.bias is not None:
+            logits = logits + self.bias
         selection = None
         if self.top_k is not None and not self.routes_plainly:
             selection = self._selection(ops.softmax(logits, axis=-1))
-        outputs = softmax_gate_outputs(logits, self.top_k, training, selection)
+        outputs = softmax_gate_outputs(logits, self.top_k, training, selection,
+                                       normalize_top_k=self.normalize_top_k)
         self._step_bias(outputs["dispatch_mask"], training)
         return outputs
 
@@ -270,6 +298,8 @@ class SoftmaxGate(RoutingOptions, keras.layers.Layer):
                 "hidden_activation": keras.activations.serialize(self.hidden_activation),
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "normalize_top_k": self.normalize_top_k,
+                "use_bias": self.use_bias,
                 **self._routing_config(),
             }
         )

@@ -8,7 +8,7 @@ from keras_moe import regularizers
 from keras_moe import validation
 from keras_moe.layers import dispatch as dispatch_lib
 from keras_moe.layers.assignment_constraint import AssignmentConstraint
-from keras_moe.layers.experts import StackedExperts, check_expert_devices
+from keras_moe.layers.experts import GATED_EXPERTS, StackedExperts, check_expert_devices
 from keras_moe.layers.gates import NoisyTopKGate, SoftmaxGate
 from keras_moe.layers.routing_gates import ExpertChoiceGate, SigmoidTopKGate
 from keras_moe.layers.replica_losses import ReplicaLocalLossesMixin
@@ -153,6 +153,18 @@ class MoEDense(StackedExperts, AssignmentConstraint, ReplicaLocalLossesMixin,
             expert groups of group-limited routing (DeepSeek-V2/V3; with
             `top_k_groups`). With a gate layer, as `bias_update_rate`.
         top_k_groups: The groups each token keeps, 1 <= top_k_groups <= num_groups.
+        gated_experts: None for the experts above, or a gated linear unit (GLU) inside
+            each two-layer expert: `down(glu(gate(x), up(x)))`, with `hidden_kernel`
+            (and `hidden_bias`) the up projection, `gate_kernel` (and `gate_bias`) the
+            gate projection, both (experts, in, `expert_hidden_units`), and `kernel`
+            the down projection; `expert_hidden_activation` is then unused.
+            `"swiglu"`: `silu(g) * u` (Mixtral, Qwen-MoE, Qwen3-MoE); `"geglu"`:
+            `gelu(g) * u` (exact GELU); `"geglu_tanh"`: GELU's tanh approximation
+            (Gemma); `"clamped_swiglu"`: GPT-OSS's `(clip(u, -7, 7) + 1) * g' *
+            sigmoid(1.702 g')` with `g' = min(g, 7)`. Needs `expert_hidden_units`.
+        shared_expert_gate: With `num_shared_experts`: if True, the shared experts'
+            summed output is scaled per token by `sigmoid(x w)`, `w` an (in, 1) kernel
+            without bias (Qwen-MoE's shared-expert gate).
         **kwargs: Base layer arguments.
 
     Example:
@@ -162,6 +174,13 @@ class MoEDense(StackedExperts, AssignmentConstraint, ReplicaLocalLossesMixin,
     ...                  balance_loss=["importance", "load"])
     >>> layer(np.random.rand(32, 16).astype("float32")).shape
     (32, 64)
+
+    Mixtral's experts (SwiGLU, no biases, softmax over the two chosen experts):
+
+    >>> layer = MoEDense(16, num_experts=8, top_k=2, expert_hidden_units=56,
+    ...                  gated_experts="swiglu", use_bias=False)
+    >>> layer(np.random.rand(32, 16).astype("float32")).shape
+    (32, 16)
 
     References:
         Eigen, Ranzato & Sutskever, "Learning Factored Representations in a Deep
@@ -194,6 +213,8 @@ class MoEDense(StackedExperts, AssignmentConstraint, ReplicaLocalLossesMixin,
         bias_update_rate=None,
         num_groups=None,
         top_k_groups=None,
+        gated_experts=None,
+        shared_expert_gate=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -224,6 +245,20 @@ class MoEDense(StackedExperts, AssignmentConstraint, ReplicaLocalLossesMixin,
             "bias_update_rate", bias_update_rate, allow_none=True)
         self.num_groups = num_groups
         self.top_k_groups = top_k_groups
+        self.gated_experts = None if gated_experts is None else validation.one_of(
+            "gated_experts", gated_experts, GATED_EXPERTS)
+        if self.gated_experts is not None and self.expert_hidden_units is None:
+            raise ValueError(
+                f"`gated_experts`={self.gated_experts!r} makes each expert "
+                "`down(glu(gate(x), up(x)))`: it needs `expert_hidden_units` (the width "
+                "of the gate and up projections); got None."
+            )
+        self.shared_expert_gate = bool(shared_expert_gate)
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError(
+                "`shared_expert_gate`=True scales the shared experts' output by "
+                "sigmoid(x w): it needs `num_shared_experts` >= 1; got 0."
+            )
 
         self.gate = self._make_gate(gate)
         self.num_groups, self.top_k_groups = (getattr(self.gate, "num_groups", None),
@@ -595,6 +630,8 @@ class MoEDense(StackedExperts, AssignmentConstraint, ReplicaLocalLossesMixin,
                 "bias_update_rate": self.bias_update_rate,
                 "num_groups": self.num_groups,
                 "top_k_groups": self.top_k_groups,
+                "gated_experts": self.gated_experts,
+                "shared_expert_gate": self.shared_expert_gate,
             }
         )
         return config
