@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_moe import expert_parallel, regularizers
+from keras_moe import compat, expert_parallel, regularizers
 from keras_moe.layers import dispatch as dispatch_lib
 from keras_moe.layers.experts import GATED_EXPERTS, StackedExperts
 from keras_moe.layers.gates import SoftmaxGate
@@ -285,7 +285,7 @@ def expert_use(model, inputs):
     backbone = getattr(model, "backbone", model)
     blocks = {}  # "<decoder>/<block>" -> block, in the order of the decoders
     for decoder in getattr(backbone, "transformer_layers", []):
-        for layer in decoder._flatten_layers(include_self=False):
+        for layer in compat.flatten_layers(decoder, include_self=False):
             if isinstance(layer, (HubMoEBlock, HubExpertBank)):
                 blocks[f"{decoder.name}/{layer.name}"] = layer
     if not blocks:
@@ -493,7 +493,7 @@ def sparse_backbone_class(base):
     name = "Sparse" + base.__name__
     cls = type(name, (base,), {"__init__": __init__, "get_config": get_config,
                                "_is_sparse_moe_backbone": True,
-                               "__module__": __name__, "__doc__": sparse_backbone_class.__doc__})
+                               "__doc__": sparse_backbone_class.__doc__})  # module: this one
     cls = keras.saving.register_keras_serializable(package="keras_moe", name=name)(cls)
     _SPARSE_CLASSES[base] = cls
     return cls
