@@ -15,6 +15,7 @@ Timings are medians over interleaved rounds (`keras_moe.benchmarking.
 interleaved_medians`): read the ratios, not the absolute times.
 
     python benchmarks/keras_hub_moe.py                       # 8, 64, 128 experts
+    python benchmarks/keras_hub_moe.py --dim 128 --width 128 --tokens 2048  # small blocks
     python benchmarks/keras_hub_moe.py --experts 64 --reps 3 --families mixtral
     KERAS_BACKEND=jax python benchmarks/keras_hub_moe.py     # on JAX (CPU: ragged_dot
                                                              # is a masked dense product)
@@ -136,9 +137,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(TOP_K), choices=list(TOP_K))
     parser.add_argument("--experts", nargs="+", type=int, default=[8, 64, 128])
-    parser.add_argument("--dim", type=int, default=128, help="hidden size d")
-    parser.add_argument("--width", type=int, default=128, help="expert width f")
-    parser.add_argument("--tokens", type=int, default=2048, help="batch x sequence (prefill)")
+    # The defaults are benchmarks/moe_dense.py's sizes: large enough that the experts'
+    # matmuls, not TensorFlow's per-op cost, make the time (at d = f = 128 and 2,048
+    # tokens a 64-expert block's 64-row matmuls are overhead-bound; see the card).
+    parser.add_argument("--dim", type=int, default=256, help="hidden size d")
+    parser.add_argument("--width", type=int, default=512, help="expert width f")
+    parser.add_argument("--tokens", type=int, default=4096, help="batch x sequence (prefill)")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
 

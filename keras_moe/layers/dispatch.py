@@ -20,6 +20,7 @@ is both dropless (every choice runs) and static (every expert takes as many toke
 import fractions
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -194,9 +195,17 @@ def grouped_ffn(inputs, tokens_per_expert, layers, hidden_activation=None):
     e: `z = h W_e + b_e` for each `(W, b)` in `layers`, with `hidden_activation` between
     consecutive layers (not after the last one).
 
+    A layer may have several kernels side by side: `((W1, W2), (b1, b2))` computes
+    `z_p = h W_p + b_p` for each part and hands the parts to the activation as
+    separate arguments (`hidden_activation(z_1, z_2)`): a GLU's gate and up
+    projections. Keeping the parts apart, rather than concatenating their kernels,
+    spares copying every expert's kernels at each call, splitting the hidden rows, and
+    slicing the packed weight gradients.
+
     On JAX each layer is one `jax.lax.ragged_dot` (the grouped matmul; a real grouped
     kernel on GPU and TPU, a masked dense product costing about `experts` times the
-    work on the CPU). On TensorFlow each layer is one matmul per expert.
+    work on the CPU; the parts are concatenated there, so that they are one product).
+    On TensorFlow each layer part is one matmul per expert.
 
     TensorFlow's gradient is written by hand rather than left to autodiff: each stacked weight's
     gradient is packed once from the per-expert matmuls (autodiff adds, per expert and
@@ -209,15 +218,18 @@ def grouped_ffn(inputs, tokens_per_expert, layers, hidden_activation=None):
         inputs: (n, features) rows sorted by expert.
         tokens_per_expert: (experts,) int32 row count of each expert; sums to n.
         layers: List of `(kernel, bias)`: kernel (experts, in, out), bias (experts, out)
-            or None. Tensors of the dtype of `inputs` (cast variables beforehand).
-        hidden_activation: Callable applied between layers; None for linear. It may
-            map a layer's output to a narrower one: a GLU (`keras_moe.layers.experts.
-            swiglu`) takes a `[gate | up]` layer of width 2h to the next layer's h
-            inputs (the gradient then goes through autodiff of the activation alone).
+            or None; or a tuple of kernels (and None or a tuple of as many biases) for
+            a layer of several parts. Tensors of the dtype of `inputs` (cast variables
+            beforehand).
+        hidden_activation: Callable applied between layers, to one tensor per part of
+            the layer before; None for linear.
 
     Returns:
         (n, units) outputs of the last layer, before any output activation.
     """
+    layers = [_layer_parts(kernel, bias) for kernel, bias in layers]
+    if len(layers[-1][0]) != 1:
+        raise ValueError("grouped_ffn: the last layer must have a single kernel.")
     backend = keras.backend.backend()
     if backend == "jax":
         return _grouped_ffn_jax(inputs, tokens_per_expert, layers, hidden_activation)
@@ -228,110 +240,158 @@ def grouped_ffn(inputs, tokens_per_expert, layers, hidden_activation=None):
     return _grouped_ffn_tf(inputs, tokens_per_expert, layers, hidden_activation)
 
 
+def _layer_parts(kernel, bias):
+    """`(kernels, biases)` as tuples (biases None when the layer has none)."""
+    kernels = tuple(kernel) if isinstance(kernel, (tuple, list)) else (kernel,)
+    if bias is None:
+        return kernels, None
+    biases = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
+    if len(biases) != len(kernels):
+        raise ValueError(
+            f"grouped_ffn: a layer has {len(kernels)} kernels and {len(biases)} biases."
+        )
+    return kernels, biases
+
+
 def _grouped_ffn_jax(inputs, tokens_per_expert, layers, hidden_activation):
     import jax
     import jax.numpy as jnp
 
-    num_experts = layers[0][0].shape[0]
+    num_experts = layers[0][0][0].shape[0]
     row_expert = None  # the expert of each sorted row, for the biases
     h = inputs
     last = len(layers) - 1
-    for index, (kernel, bias) in enumerate(layers):
+    for index, (kernels, biases) in enumerate(layers):
+        widths = [kernel.shape[-1] for kernel in kernels]
+        kernel = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=-1)
         h = jax.lax.ragged_dot(h, kernel, tokens_per_expert)
-        if bias is not None:
+        if biases is not None:
             if row_expert is None:
                 row_expert = jnp.repeat(
                     jnp.arange(num_experts), tokens_per_expert,
                     total_repeat_length=inputs.shape[0],
                 )
+            bias = biases[0] if len(biases) == 1 else jnp.concatenate(biases, axis=-1)
             h = h + jnp.take(bias, row_expert, axis=0)
         if index < last and hidden_activation is not None:
-            h = hidden_activation(h)
+            parts = jnp.split(h, np.cumsum(widths)[:-1], axis=-1)
+            h = hidden_activation(*parts)
     return h
 
 
 def _grouped_ffn_tf(inputs, tokens_per_expert, layers, hidden_activation):
     import tensorflow as tf
 
-    num_experts = layers[0][0].shape[0]
+    num_experts = layers[0][0][0].shape[0]
     if num_experts is None:
         raise ValueError("grouped_ffn needs a static number of experts.")
     is_relu = hidden_activation in (keras.activations.relu, tf.nn.relu)
     is_linear = hidden_activation is None or hidden_activation is keras.activations.linear
-    needs_pre = not (is_relu or is_linear)
-    has_bias = [bias is not None for _, bias in layers]
-    flat_weights = [w for kernel, bias in layers for w in (kernel, bias) if w is not None]
     last = len(layers) - 1
+    # Only an activation other than ReLU, or one of several parts, needs its inputs for
+    # the gradient (ReLU's comes from its output).
+    needs_pre = [
+        index < last and not is_linear and (not is_relu or len(kernels) > 1)
+        for index, (kernels, _) in enumerate(layers)
+    ]
+    flat_weights = [
+        w for kernels, biases in layers for w in (*kernels, *(biases or ()))
+    ]
 
     def split_rows(x):
         return tf.split(x, tokens_per_expert, num=num_experts)
 
     @tf.custom_gradient
     def ffn(x, *weights):
-        weights = list(weights)
-        per_layer = []  # (kernels, biases) of each layer, unstacked along experts
-        for bias_present in has_bias:
-            kernels = tf.unstack(weights.pop(0), num_experts)
-            biases = tf.unstack(weights.pop(0), num_experts) if bias_present else None
-            per_layer.append((kernels, biases))
+        weights = iter(weights)
+        per_layer = []  # per layer: (kernels, biases), each [part][expert]
+        for kernels, biases in layers:
+            unstacked_kernels = [tf.unstack(next(weights), num_experts) for _ in kernels]
+            unstacked_biases = None
+            if biases is not None:
+                unstacked_biases = [tf.unstack(next(weights), num_experts) for _ in biases]
+            per_layer.append((unstacked_kernels, unstacked_biases))
 
         layer_inputs = []  # each layer's per-expert inputs
-        pre_activations = []  # each hidden layer's per-expert pre-activations
+        pre_activations = []  # each hidden layer's per-expert outputs, [part][expert]
         rows = split_rows(x)
         for index, (kernels, biases) in enumerate(per_layer):
             layer_inputs.append(rows)
-            rows = [tf.matmul(r, w) for r, w in zip(rows, kernels)]
+            parts = [[tf.matmul(r, w) for r, w in zip(rows, part)] for part in kernels]
             if biases is not None:
-                rows = [tf.nn.bias_add(r, b) for r, b in zip(rows, biases)]
-            if index < last:
-                # Only an activation other than ReLU needs its inputs for the gradient.
-                pre_activations.append(rows if needs_pre else [None] * num_experts)
-                if not is_linear:
-                    rows = [hidden_activation(r) for r in rows]
+                parts = [
+                    [tf.nn.bias_add(z, b) for z, b in zip(part, part_biases)]
+                    for part, part_biases in zip(parts, biases)
+                ]
+            if index == last:
+                rows = parts[0]
+                break
+            pre_activations.append(parts if needs_pre[index] else None)
+            if is_linear:
+                rows = parts[0]
+            else:
+                rows = [hidden_activation(*zs) for zs in zip(*parts)]
         outputs = tf.concat(rows, axis=0)
 
         def activation_grad(upstream, pre, post):
+            """Per-part gradients of one expert's hidden activation."""
             if is_linear:
-                return upstream
-            if is_relu:
-                return tf.raw_ops.ReluGrad(gradients=upstream, features=post)
+                return [upstream]
+            if pre is None:  # ReLU of a single part
+                return [tf.raw_ops.ReluGrad(gradients=upstream, features=post)]
             with tf.GradientTape() as tape:
-                tape.watch(pre)
-                recomputed = hidden_activation(pre)
-            return tape.gradient(recomputed, pre, output_gradients=upstream)
+                for z in pre:
+                    tape.watch(z)
+                recomputed = hidden_activation(*pre)
+            return tape.gradient(recomputed, list(pre), output_gradients=upstream)
 
         def grad(upstream):
-            weight_grads = []  # last layer first
-            upstream_rows = split_rows(upstream)
+            layer_grads = []  # last layer first; each the layer's flat weight grads
+            upstream_parts = [split_rows(upstream)]  # [part][expert]
             for index in range(last, -1, -1):
                 kernels, biases = per_layer[index]
-                if biases is not None:
-                    weight_grads.append(
-                        tf.stack([tf.reduce_sum(u, axis=0) for u in upstream_rows])
-                    )
-                weight_grads.append(
-                    tf.stack(
-                        [
-                            tf.matmul(i, u, transpose_a=True)
-                            for i, u in zip(layer_inputs[index], upstream_rows)
-                        ]
-                    )
-                )
-                upstream_rows = [
-                    _matmul_kernel_t(u, w) for u, w in zip(upstream_rows, kernels)
+                kernel_grads = [
+                    tf.stack([
+                        tf.matmul(i, u, transpose_a=True)
+                        for i, u in zip(layer_inputs[index], part_upstream)
+                    ])
+                    for part_upstream in upstream_parts
                 ]
-                if index > 0:
-                    upstream_rows = [
-                        activation_grad(u, pre, post)
-                        for u, pre, post in zip(
-                            upstream_rows, pre_activations[index - 1], layer_inputs[index]
-                        )
+                bias_grads = []
+                if biases is not None:
+                    bias_grads = [
+                        tf.stack([tf.reduce_sum(u, axis=0) for u in part_upstream])
+                        for part_upstream in upstream_parts
                     ]
-            return (tf.concat(upstream_rows, axis=0), *reversed(weight_grads))
+                layer_grads.append(kernel_grads + bias_grads)
+                if index == 0:
+                    input_grads = _sum_of_parts(upstream_parts, kernels)
+                    break
+                rows_grads = _sum_of_parts(upstream_parts, kernels)
+                pre = pre_activations[index - 1]
+                per_expert = [
+                    activation_grad(
+                        u, None if pre is None else [part[e] for part in pre],
+                        layer_inputs[index][e],
+                    )
+                    for e, u in enumerate(rows_grads)
+                ]
+                upstream_parts = [list(part) for part in zip(*per_expert)]
+            flat = [g for grads in reversed(layer_grads) for g in grads]
+            return (tf.concat(input_grads, axis=0), *flat)
 
         return outputs, grad
 
     return ffn(inputs, *flat_weights)
+
+
+def _sum_of_parts(upstream_parts, kernels):
+    """Each expert's input gradient, `sum_p u_p W_p^T`, from per-part upstreams."""
+    total = None
+    for part_upstream, part_kernels in zip(upstream_parts, kernels):
+        grads = [_matmul_kernel_t(u, w) for u, w in zip(part_upstream, part_kernels)]
+        total = grads if total is None else [a + b for a, b in zip(total, grads)]
+    return total
 
 
 def expert_capacity(num_tokens, k, num_experts, capacity_factor):

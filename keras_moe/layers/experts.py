@@ -28,33 +28,37 @@ CLAMPED_SWIGLU_ALPHA = 1.702
 CLAMPED_SWIGLU_LIMIT = 7.0
 
 
-def _halves(h):
+def _halves(h, up):
+    """`(gate, up)`: given apart, or the two halves of `h = [gate | up]`."""
+    if up is not None:
+        return h, up
     half = h.shape[-1] // 2
     return h[..., :half], h[..., half:]
 
 
-def swiglu(h):
-    """`silu(gate) * up` of `h = [gate | up]` (last axis, two equal halves)."""
-    gate, up = _halves(h)
+def swiglu(h, up=None):
+    """`silu(gate) * up` of `h = [gate | up]` (last axis, two equal halves), or of
+    `gate = h` and `up` given apart (the grouped FFN's parts)."""
+    gate, up = _halves(h, up)
     return ops.silu(gate) * up
 
 
-def geglu(h):
+def geglu(h, up=None):
     """`gelu(gate) * up` of `h = [gate | up]`, exact (erf) GELU."""
-    gate, up = _halves(h)
+    gate, up = _halves(h, up)
     return keras.activations.gelu(gate, approximate=False) * up
 
 
-def geglu_tanh(h):
+def geglu_tanh(h, up=None):
     """`gelu(gate) * up` of `h = [gate | up]`, GELU's tanh approximation (Gemma)."""
-    gate, up = _halves(h)
+    gate, up = _halves(h, up)
     return keras.activations.gelu(gate, approximate=True) * up
 
 
-def clamped_swiglu(h):
+def clamped_swiglu(h, up=None):
     """GPT-OSS's GLU of `h = [gate | up]`: with `gate = min(gate, 7)` and `up =
     clip(up, -7, 7)`, `(up + 1) * gate * sigmoid(1.702 gate)`."""
-    gate, up = _halves(h)
+    gate, up = _halves(h, up)
     gate = ops.minimum(gate, CLAMPED_SWIGLU_LIMIT)
     up = ops.clip(up, -CLAMPED_SWIGLU_LIMIT, CLAMPED_SWIGLU_LIMIT)
     return (up + 1.0) * gate * ops.sigmoid(CLAMPED_SWIGLU_ALPHA * gate)
@@ -362,7 +366,15 @@ class StackedExperts:
         def compute(weights):
             piece_rows, piece_counts = next(work)
             layers = []
-            if self.expert_hidden_units is not None:
+            if self.gated_experts is not None:
+                # Gate and up as two parts of one layer, not concatenated: see
+                # `grouped_ffn` (the concatenation copied every expert's kernels).
+                bias = weights.get("hidden_bias")
+                layers.append((
+                    (cast(weights["gate_kernel"]), cast(weights["hidden_kernel"])),
+                    None if bias is None else (cast(weights["gate_bias"]), cast(bias)),
+                ))
+            elif self.expert_hidden_units is not None:
                 hidden_kernel, hidden_bias = self._first_layer(weights)
                 layers.append((cast(hidden_kernel), cast(hidden_bias)))
             layers.append((cast(weights["kernel"]), cast(weights.get("bias"))))

@@ -114,6 +114,51 @@ def test_grouped_ffn_matches_autodiff_of_per_row_reference(activation, sizes, us
         assert np.all(weight_grad[0] == 0.0)
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grouped_ffn_of_a_two_part_layer_matches_the_concatenated_reference(use_bias, compiled):
+    """A GLU's gate and up kernels given as two parts of one layer (what gated experts
+    pass, so that their kernels are never concatenated) equal the reference on the
+    concatenated `[gate | up]` kernel, values and every gradient."""
+    from keras_moe.layers.experts import clamped_swiglu
+
+    rng = np.random.default_rng(11)
+    counts = np.array([0, 5, dispatch._FEW_ROWS + 9, 2], np.int32)
+    experts, d, h, units = len(counts), 6, 4, 5
+    expert_ids = ops.convert_to_tensor(np.repeat(np.arange(experts), counts).astype("int32"))
+    x = rng.normal(size=(counts.sum(), d)).astype(DTYPE)
+    weights = [(2.0 * rng.normal(size=(experts, d, h))).astype(DTYPE),  # gate: clamps hit
+               rng.normal(size=(experts, d, h)).astype(DTYPE),  # up
+               rng.normal(size=(experts, h, units)).astype(DTYPE)]
+    if use_bias:
+        weights += [rng.normal(size=(experts, h)).astype(DTYPE) for _ in range(2)]
+        weights.append(rng.normal(size=(experts, units)).astype(DTYPE))
+    upstream = ops.convert_to_tensor(rng.normal(size=(counts.sum(), units)).astype(DTYPE))
+    group_sizes = ops.convert_to_tensor(counts)
+
+    def grouped(x, gate, up, kernel, *biases):
+        gate_bias, up_bias, bias = biases or (None, None, None)
+        layers = [((gate, up), None if gate_bias is None else (gate_bias, up_bias)),
+                  (kernel, bias)]
+        return dispatch.grouped_ffn(x, group_sizes, layers, clamped_swiglu)
+
+    def reference(x, gate, up, kernel, *biases):
+        gate_bias, up_bias, bias = biases or (None, None, None)
+        first_bias = None if gate_bias is None else ops.concatenate([gate_bias, up_bias], -1)
+        layers = [(ops.concatenate([gate, up], -1), first_bias), (kernel, bias)]
+        return _grouped_ffn_reference(x, expert_ids, layers, clamped_swiglu)
+
+    sources = [ops.convert_to_tensor(v) for v in [x] + weights]
+    y, grads = _value_and_grads(grouped, sources, upstream, compiled)
+    want_y, want_grads = _value_and_grads(reference, sources, upstream, False)
+    np.testing.assert_allclose(y, want_y, rtol=RTOL, atol=ATOL)
+    assert len(grads) == len(want_grads) == len(sources)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    for weight_grad in grads[1:]:
+        assert np.all(weight_grad[0] == 0.0)  # the expert without rows
+
+
 def test_expert_capacity_formula():
     assert dispatch.expert_capacity(40, 2, 4, 0.5) == 10  # ceil(0.5 * 2 * 40 / 4)
     assert dispatch.expert_capacity(3, 1, 8, 1.0) == 1  # never below one slot
