@@ -8,7 +8,8 @@
 # that trains does not change while this checkout is edited; the rows record that commit.
 # PAPERs default to: shazeer eigen deepmoe two_domain. PAPER:N runs seeds 0..N-1 only, so
 # `a:1 b:1 a b` trains seed 0 of both studies before their further seeds (partial results
-# then span every arm). Each study resumes where its results
+# then span every arm); PAPER@ARM,ARM (after any :N) runs those arms only, so that the
+# rows a decision waits on come first. Each study resumes where its results
 # file stops (rows already there are skipped). Everything runs under `nice -n 19` in its own
 # session (setsid + nohup), so it survives the shell that started it; the log is
 # COPY_DIR/studies.log and the process id COPY_DIR/studies.pid. A study that fails does not
@@ -37,11 +38,14 @@ chain="$copy/studies.sh"
     echo "echo 19 > /proc/self/autogroup 2>/dev/null || true"
     echo "export PYTHONPATH='$copy' KERAS_MOE_CODE_COMMIT='$commit' TF_CPP_MIN_LOG_LEVEL=2"
     for entry in "${papers[@]}"; do
-        paper="${entry%%:*}"
+        arms=""
+        spec="${entry%%@*}"
+        [ "$spec" = "$entry" ] || arms=" --arms ${entry#*@}"
+        paper="${spec%%:*}"
         seeds=""
-        [ "$paper" = "$entry" ] || seeds=" --seeds ${entry#*:}"
+        [ "$paper" = "$spec" ] || seeds=" --seeds ${spec#*:}"
         echo "echo \"== \$(date -u +%FT%TZ) $entry\""
-        echo "python3 '$copy/examples/study.py' $paper$seeds --results '$repo/zoo/results/$paper.jsonl' --runs-dir '$copy/runs/study' || echo \"== $entry failed: exit \$?\""
+        echo "python3 '$copy/examples/study.py' $paper$seeds$arms --results '$repo/zoo/results/$paper.jsonl' --runs-dir '$copy/runs/study' || echo \"== $entry failed: exit \$?\""
     done
     echo "echo \"== \$(date -u +%FT%TZ) done\""
 } > "$chain"
