@@ -364,10 +364,9 @@ def _grouped_ffn_tf(inputs, tokens_per_expert, layers, hidden_activation):
                         for part_upstream in upstream_parts
                     ]
                 layer_grads.append(kernel_grads + bias_grads)
-                if index == 0:
-                    input_grads = _sum_of_parts(upstream_parts, kernels)
-                    break
                 rows_grads = _sum_of_parts(upstream_parts, kernels)
+                if index == 0:
+                    break
                 pre = pre_activations[index - 1]
                 per_expert = [
                     activation_grad(
@@ -378,7 +377,7 @@ def _grouped_ffn_tf(inputs, tokens_per_expert, layers, hidden_activation):
                 ]
                 upstream_parts = [list(part) for part in zip(*per_expert)]
             flat = [g for grads in reversed(layer_grads) for g in grads]
-            return (tf.concat(input_grads, axis=0), *flat)
+            return (tf.concat(rows_grads, axis=0), *flat)
 
         return outputs, grad
 

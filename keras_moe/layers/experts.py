@@ -235,18 +235,28 @@ class StackedExperts:
             outputs = outputs * ops.sigmoid(gate)
         return outputs
 
+    def _first_layer_parts(self, weights):
+        """`(kernels, biases)` of the experts' first layer from a dict of their weights:
+        one kernel (and bias), or for gated experts the gate and up projections as two
+        parts, `(gate, up)`; biases None when the experts have none."""
+        kernel, bias = weights["hidden_kernel"], weights.get("hidden_bias")
+        if self.gated_experts is None:
+            return (kernel,), None if bias is None else (bias,)
+        return (weights["gate_kernel"], kernel), (
+            None if bias is None else (weights["gate_bias"], bias))
+
     def _first_layer(self, weights):
-        """(kernel, bias) of the experts' first layer from a dict of their weights; gated
-        experts: the gate and up projections side by side, `[gate | up]` on the last
-        axis (the GLU functions split it), so that every compute path runs them as one
-        matmul."""
-        kernel, bias = weights.get("hidden_kernel"), weights.get("hidden_bias")
-        if kernel is None or self.gated_experts is None:
-            return kernel, bias
-        kernel = ops.concatenate([weights["gate_kernel"], kernel], axis=-1)
-        if bias is not None:
-            bias = ops.concatenate([weights["gate_bias"], bias], axis=-1)
-        return kernel, bias
+        """(kernel, bias) of the experts' first layer; gated experts: the gate and up
+        projections side by side, `[gate | up]` on the last axis (the GLU functions
+        split it), so that the batched paths run them as one matmul. The grouped FFN
+        takes the parts apart instead (`_first_layer_parts`): no copy of the kernels."""
+        if weights.get("hidden_kernel") is None:
+            return None, None
+        kernels, biases = self._first_layer_parts(weights)
+        kernel = kernels[0] if len(kernels) == 1 else ops.concatenate(kernels, axis=-1)
+        if biases is None:
+            return kernel, None
+        return kernel, biases[0] if len(biases) == 1 else ops.concatenate(biases, axis=-1)
 
     @property
     def _hidden_activation(self):
@@ -366,17 +376,10 @@ class StackedExperts:
         def compute(weights):
             piece_rows, piece_counts = next(work)
             layers = []
-            if self.gated_experts is not None:
-                # Gate and up as two parts of one layer, not concatenated: see
-                # `grouped_ffn` (the concatenation copied every expert's kernels).
-                bias = weights.get("hidden_bias")
-                layers.append((
-                    (cast(weights["gate_kernel"]), cast(weights["hidden_kernel"])),
-                    None if bias is None else (cast(weights["gate_bias"]), cast(bias)),
-                ))
-            elif self.expert_hidden_units is not None:
-                hidden_kernel, hidden_bias = self._first_layer(weights)
-                layers.append((cast(hidden_kernel), cast(hidden_bias)))
+            if self.expert_hidden_units is not None:
+                kernels, biases = self._first_layer_parts(weights)
+                layers.append((tuple(cast(k) for k in kernels),
+                               None if biases is None else tuple(cast(b) for b in biases)))
             layers.append((cast(weights["kernel"]), cast(weights.get("bias"))))
             return dispatch_lib.grouped_ffn(
                 piece_rows, piece_counts, layers, hidden_activation=self._hidden_activation
