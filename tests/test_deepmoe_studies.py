@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 STUDY_SCRIPT = REPO / "examples" / "study.py"
 sys.path.insert(0, str(REPO / "examples"))  # as `python3 examples/study.py` has it
 
-from studies import deepmoe_frontier, deepmoe_ladder, get_study  # noqa: E402
+from studies import deepmoe_frontier, deepmoe_ladder, deepmoe_long, get_study  # noqa: E402
 from studies.running import arm_fingerprints, study_rows, train_command  # noqa: E402
 from studies.table import compute_table  # noqa: E402
 
@@ -155,6 +155,10 @@ def test_shared_arms_keep_the_deepmoe_studys_fingerprints_and_budgets_scale():
     assert (budget["joint"], budget["finetune"]) == (3 * full["joint"], 3 * full["finetune"])
     arms = {arm.name: arm for arm in long.arms}
     command = train_command(long, arms["plain_matched"], "long", 0, pathlib.Path("R"))
-    assert "phases.0.epochs=30" in command and "model.width_multiplier=0.87" in command
+    assert "phases.0.epochs=30" in command
+    assert f"model.width_multiplier={deepmoe_long.MATCHED_WIDTH}" in command
+    # The long study's DeepMoE arm is the frontier's arm of that name, at 3x the epochs.
+    frontier_arms = {arm.name: arm for arm in deepmoe_frontier.arms()}
+    assert arms[deepmoe_long.DEEPMOE_ARM].args == frontier_arms[deepmoe_long.DEEPMOE_ARM].args
     assert next(iter(long.budgets)) == "long"  # study.py's default budget
     assert deepmoe_ladder.LADDER_LAMBDA in deepmoe_frontier.WIDE_LAMBDAS
