@@ -162,3 +162,47 @@ def test_shared_arms_keep_the_deepmoe_studys_fingerprints_and_budgets_scale():
     assert arms[deepmoe_long.DEEPMOE_ARM].args == frontier_arms[deepmoe_long.DEEPMOE_ARM].args
     assert next(iter(long.budgets)) == "long"  # study.py's default budget
     assert deepmoe_ladder.LADDER_LAMBDA in deepmoe_frontier.WIDE_LAMBDAS
+
+
+def _recipe_of(study_name, arm_name):
+    """The recipe one arm of a study trains at the study's first budget: the study's
+    frozen recipe with the arm's `--set`, `--train-size` and `--test-size` applied."""
+    from keras_moe import recipes
+
+    study = get_study(study_name)
+    arm = {arm.name: arm for arm in study.arms}[arm_name]
+    command = train_command(study, arm, next(iter(study.budgets)), 0, pathlib.Path("R"))
+    flags = dict(zip(command[3::2], command[4::2]))  # fine for the flags that take values
+    sets = [command[i + 1] for i, token in enumerate(command) if token == "--set"]
+    sets += [f"data.train_size={flags['--train-size']}", f"data.test_size={flags['--test-size']}"]
+    return recipes.load_recipe(arm.target).override(sets)
+
+
+@pytest.mark.parametrize("zoo_recipe, study_name, arm_name", [
+    ("deepmoe_resnet8_fashion_mnist", "deepmoe_frontier", "wide_lambda3p5"),
+    ("resnet8_fashion_mnist", "deepmoe_frontier", "baseline"),
+])
+def test_the_zoo_recipes_are_the_study_arms_that_back_them(zoo_recipe, study_name, arm_name):
+    """The CPU recipes train exactly what the study row named in zoo/deepmoe.md measured
+    (the best DeepMoE setting and its baseline), so the card's numbers are the recipe's."""
+    from keras_moe import recipes
+
+    def settings(recipe):
+        table = recipe.to_dict()
+        del table["recipe"]  # name, description and paper: words, not settings
+        return table
+
+    assert settings(recipes.load_recipe(zoo_recipe)) == settings(_recipe_of(study_name, arm_name))
+
+
+def test_a_study_copy_of_a_recipe_keeps_the_fingerprint_of_its_name():
+    from studies.base import study_recipe
+    from studies.running import settings_id
+
+    copy = study_recipe("deepmoe_resnet8_fashion_mnist")
+    named = ["keras-moe", "train", "deepmoe_resnet8_fashion_mnist", "--seed", "0"]
+    assert settings_id(["keras-moe", "train", copy, "--seed", "1"]) == settings_id(named)
+    assert settings_id(["keras-moe", "train", "zoo/other.toml"]) != settings_id(named)
+    # The copies still hold what the rows ran: the controller steering lambda to 0.5.
+    recipe = _recipe_of("deepmoe_frontier", "wide")
+    assert recipe.phases[0].gate_density_target == 0.5 and recipe.model.losses["gate_l1"] == 5.0

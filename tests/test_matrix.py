@@ -16,7 +16,7 @@ through train, evaluate, export and predict (CIFAR-100's class names), and
 real data is not on this machine); jittered MNIST and the two-domain set use their
 documented offline stand-ins. Then:
 
-- `train` (the recipe's phases and phase settings: DeepMoE's density controller and
+- `train` (the recipe's phases and phase settings: DeepMoE's fixed lambda, spread heads and
   frozen fine-tuning, Eigen's constraint switch, the t-SNE map's fit),
 - `evaluate` the run, `export` it, `predict` with the SavedModel (class names, not
   "class k"),

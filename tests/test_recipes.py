@@ -208,9 +208,10 @@ def test_tpu_runs_use_capacity_dispatch_where_the_model_has_it():
 
 
 def test_a_fixed_lambda_and_the_heads_start_are_reachable_from_set():
-    """`gate_density_target = false` removes the recipe's controller (lambda stays at
-    `gate_l1`, the paper's way); `spread_gate_heads` chooses the heads' start whatever
-    the controller; unset, the heads are spread exactly when a controller runs."""
+    """The CPU recipe fixes lambda (`gate_density_target = false`: lambda stays at
+    `gate_l1`, the paper's way) with the heads as initialised; `--set` switches the
+    controller on and chooses the heads' start whatever the controller; unset, the heads
+    are spread exactly when a controller runs."""
     import numpy as np
 
     from keras_moe.training import runner
@@ -220,6 +221,7 @@ def test_a_fixed_lambda_and_the_heads_start_are_reachable_from_set():
 
     base = recipes.load_recipe("deepmoe_resnet8_fashion_mnist").override(
         ["model.width_multiplier=0.25", "data.pad_to=8", "model.embedding_widths=[2, 2]"])
+    assert "spread_gate_heads" not in base.to_dict()["phases"][0]
 
     def kernels(*assignments):
         recipe = base.override(list(assignments))
@@ -231,13 +233,14 @@ def test_a_fixed_lambda_and_the_heads_start_are_reachable_from_set():
     def spread(values):  # U(0, 2) against the initialiser's ~1 +- 0.01
         return values.min() < 0.5 and values.max() > 1.5
 
-    fixed, model, values = kernels("phases.0.gate_density_target=false", "losses.gate_l1=3.0")
+    fixed, model, values = kernels()
     assert fixed.phases[0].gate_density_target is False and not spread(values)
-    assert model.gate_l1 == 3.0
+    assert model.gate_l1 == 3.5
+    assert kernels("losses.gate_l1=0.75")[1].gate_l1 == 0.75
     family = get_family(fixed.model.name)
     setting = family.phase_settings["gate_density_target"]
     assert setting.callbacks(model, False, PhaseContext(fixed.phases[0])) == []
-    assert spread(kernels()[2])  # the recipe's controller: heads spread
-    assert not spread(kernels("phases.0.spread_gate_heads=false")[2])
-    assert spread(kernels("phases.0.gate_density_target=false",
-                          "phases.0.spread_gate_heads=true")[2])
+    assert spread(kernels("phases.0.spread_gate_heads=true")[2])
+    steered = kernels("phases.0.gate_density_target=0.5", "phases.0.spread_gate_heads=false")
+    assert steered[0].phases[0].gate_density_target == 0.5 and not spread(steered[2])
+    assert spread(kernels("phases.0.gate_density_target=0.5")[2])

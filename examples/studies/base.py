@@ -5,6 +5,20 @@ import dataclasses
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# The studies' own copies of the zoo recipes their arms change with `--set`, frozen as
+# they were when the rows were trained: the zoo's recipe may then move to what a study
+# measured best without changing what the study's rows mean. A copy counts as the recipe
+# of its name in a run's settings fingerprint (`running.settings_id`), since the rows
+# trained before the copy existed ran the recipe under that name.
+STUDY_RECIPES = pathlib.Path(__file__).resolve().parent / "recipes"
+
+
+def study_recipe(name):
+    """The path of the studies' frozen copy of the zoo recipe `name`."""
+    path = STUDY_RECIPES / f"{name}.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no study copy of recipe {name!r} in {STUDY_RECIPES}")
+    return str(path)
 
 @dataclasses.dataclass
 class Arm:

@@ -4,6 +4,7 @@ the last round (the L1 term's layer weights, the density controller's undershoot
 import json
 
 from studies.base import Arm, Metric, Comparison, Study
+from studies.deepmoe_arms import DEEPMOE_RECIPE, PLAIN_RECIPE
 
 BUDGETS = {
     # 20,000 Fashion-MNIST images padded to 32x32x3 (2.5x the recipes' 8,000), 10 epochs
@@ -64,13 +65,13 @@ def measure_deepmoe(run_dir, arm, budget, seed):
 
 def study():
     arms = [
-        Arm("baseline", "resnet8_fashion_mnist", description="ResNet-8, no gates"),
-        Arm("wide", "deepmoe_resnet8_fashion_mnist",
+        Arm("baseline", PLAIN_RECIPE, description="ResNet-8, no gates"),
+        Arm("wide", DEEPMOE_RECIPE,
             description="wide-DeepMoE-8, lambda steered to 0.5 open (channel-weighted L1)"),
-        Arm("narrow", "deepmoe_resnet8_fashion_mnist",
+        Arm("narrow", DEEPMOE_RECIPE,
             ("--set", "model.wide=false", "--set", "phases.0.gate_density_target=0.75"),
             description="narrow DeepMoE-8, lambda steered to 0.75 open"),
-        Arm("wide_layer_mean", "deepmoe_resnet8_fashion_mnist",
+        Arm("wide_layer_mean", DEEPMOE_RECIPE,
             description="wide-DeepMoE-8 with the layer-mean L1 term",
             script=("examples/deepmoe_l1_normalisation.py", "--term", "layer_mean")),
     ]

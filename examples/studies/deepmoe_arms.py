@@ -1,9 +1,10 @@
 """The arms that DeepMoE's trade-off studies (`deepmoe_ladder`, `deepmoe_frontier`,
 `deepmoe_long`) are made of, and the budget flags they share with the `deepmoe` study.
 
-Every arm is the CPU recipe (`deepmoe_resnet8_fashion_mnist`, wide, lambda steered to
-0.5 open by the controller, mu = 1) or its plain baseline (`resnet8_fashion_mnist`)
-changed by `--set` flags only, so each row's command says exactly what ran. An arm
+Every arm is the CPU recipe as the studies began with it (`deepmoe_resnet8_fashion_mnist`,
+wide, lambda steered to 0.5 open by the controller, mu = 1) or its plain baseline
+(`resnet8_fashion_mnist`), in the studies' frozen copies (`examples/studies/recipes/`;
+the zoo's recipes have since moved to the best measured setting), changed by `--set` flags only, so each row's command says exactly what ran. An arm
 written as `deepmoe` writes it has the very command of that study's arm (same settings
 fingerprint), so its rows there count here (`Study.reuses`).
 
@@ -11,10 +12,10 @@ lambda here is `gate_l1` on this package's scale: L_g is divided by the number o
 channels (288 in wide ResNet-8, 176 in narrow), so lambda = the paper's x that number.
 """
 
-from studies.base import Arm
+from studies.base import Arm, study_recipe
 
-DEEPMOE_RECIPE = "deepmoe_resnet8_fashion_mnist"
-PLAIN_RECIPE = "resnet8_fashion_mnist"
+DEEPMOE_RECIPE = study_recipe("deepmoe_resnet8_fashion_mnist")
+PLAIN_RECIPE = study_recipe("resnet8_fashion_mnist")
 # No controller: lambda stays where `losses.gate_l1` sets it (the paper's Procedure 1).
 NO_CONTROLLER = ("--set", "phases.0.gate_density_target=false")
 

@@ -15,7 +15,8 @@ import math
 from studies.base import Comparison, Study
 from studies.deepmoe import measure_deepmoe
 from studies.deepmoe import study as deepmoe_study
-from studies.deepmoe_arms import bind_flags, budget_flags, controller, fixed_lambda, plain
+from studies.deepmoe_arms import (PLAIN_RECIPE, bind_flags, budget_flags, controller,
+                                  fixed_lambda, plain)
 from studies.deepmoe_ladder import BUDGETS, LADDER_LAMBDA
 from studies.table import summarize
 
@@ -64,7 +65,7 @@ def plain_arms(study_arms):
     """`{arm name: width}` of the plain arms."""
     widths = {}
     for arm in study_arms:
-        if arm.target == "resnet8_fashion_mnist":
+        if arm.target == PLAIN_RECIPE:
             args = list(arm.args)
             widths[arm.name] = next((float(a.split("=", 1)[1]) for a in args
                                      if a.startswith("model.width_multiplier=")), 1.0)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from studies.base import REPO
+from studies.base import REPO, STUDY_RECIPES
 from studies.results import append_row, read_rows
 
 
@@ -33,7 +33,8 @@ def train_command(study, arm, budget_name, seed, run_dir, deterministic=True):
 
 def settings_id(command):
     """A fingerprint of what a run computes: its command without `--out` and `--seed`
-    (and without the interpreter's and the repository's paths)."""
+    (and without the interpreter's and the repository's paths); a study's frozen copy of
+    a recipe (`base.study_recipe`) stands as the recipe's name."""
     kept, skip = [], False
     for token in command:
         if skip:
@@ -44,6 +45,8 @@ def settings_id(command):
             continue
         if token == sys.executable:
             token = "python"
+        elif pathlib.Path(token).parent == STUDY_RECIPES and token.endswith(".toml"):
+            token = pathlib.Path(token).stem
         elif token.startswith(str(REPO) + os.sep):
             token = os.path.relpath(token, REPO)
         kept.append(token)

@@ -334,10 +334,8 @@ class GateDensityTarget(keras.callbacks.Callback):
       reach the target anyway; without it the density overshoots by tens of points.
       It is made from the gate values (`density_ahead`), not from the density's own
       slope: a layer's gates fall together, so the density is flat until they reach
-      zero and then drops within a few updates (`deepmoe_resnet8_fashion_mnist`,
-      every 10 batches: 0.83 -> 0.27 between two measurements, with the slope-based
-      prediction still at 0.70 at the one before; `records` printed by a scratch
-      script). `factor` bounds how fast lambda grows while the gates are all open.
+      zero and then drops within a few updates (the card's "Choices" has a measured
+      case). `factor` bounds how fast lambda grows while the gates are all open.
     - Gates are measured in inference mode on a fixed probe, so the measurement is
       deterministic between updates but moves with the embedding's batch-norm
       statistics (a few points of noise on the CIFAR-scale runs); keep `gain *
@@ -349,21 +347,11 @@ class GateDensityTarget(keras.callbacks.Callback):
       reaches zero at the same moment whatever lambda does; use `spread_gate_heads`
       first (the example does) so that the density falls smoothly.
 
-    The rule before this one (multiply by `factor` while above the target and not
-    falling, divide when below) is about `gain=inf, lookahead=0, down_factor=factor,
-    hold_while_falling=True`; it overshot (targets 0.75 / 0.5 ended at 0.15-0.48). The
-    positional arguments are unchanged; defaults changed: `every` "epoch" -> 10,
-    `factor` 1.5 -> 1.25, `tolerance` 0.02 -> 0, `hold_while_falling` True -> False.
-    Raising and lowering lambda have separate gains (`gain` 2, `down_gain` 5; one gain
-    of 5 before 2026-11-23) because closing is fast and hard to undo while reopening
-    is slow: the controller should be quick to cut lambda and slow to raise it. Found
-    with the channel-weighted L1 term of `DeepMoEModel`, under which the widest layer
-    weighs most: with one gain of 5, a density sitting just above the target (0.54:
-    lambda x 1.2 per update) wound lambda up 60x and then closed that layer (0.55 ->
-    0.23 within 24 batches; the closed-loop test's model, seed 0, a scratch script
-    printing `records`); with one gain of 2
-    the recipe `deepmoe_resnet8_fashion_mnist` fell through its target (density 0.196
-    after the joint phase) because lambda came down too slowly.
+    Raising and lowering lambda have separate gains (`gain` 2, `down_gain` 5) because
+    closing is fast and hard to undo while reopening is slow: the controller should be
+    quick to cut lambda and slow to raise it. How the rule and its defaults were found,
+    and the ablation that made fixed lambda the recipes' default (the controller cost
+    accuracy at more MACs), are in the model card (`zoo/deepmoe.md`, "Choices").
 
     Args:
         target_density: Wanted fraction of open gates, in (0, 1] (wide-DeepMoE: 0.5).

@@ -43,9 +43,11 @@ COMMON = ["--deterministic", "--no-export", "--classify", "0", "--seed", "3", "-
 # Kills count from 1 within the process they stop.
 FAMILIES = {
     # 16 batches an epoch: the controller reads at batches 10, 20, 30 (a resume at
-    # batch 16 that restarted its count read at 26).
+    # batch 16 that restarted its count read at 26). The recipe fixes lambda; the
+    # controller is switched on here because its state is what a resume can lose.
     "deepmoe_resnet8_fashion_mnist": (
-        ["--train-size", "512", "--set", "model.width_multiplier=0.125",
+        ["--train-size", "512", "--set", "phases.0.gate_density_target=0.5",
+         "--set", "model.width_multiplier=0.125",
          "--set", "model.embedding_widths=[4, 4, 4, 4]",
          "--set", "phases.0.epochs=2", "--set", "phases.1.epochs=1"],
         [("mid-epoch", 5), ("after-backup", 1), ("after-backup", 1), ("after-backup", 1)]),
