@@ -4,7 +4,8 @@ Runs in the JAX pass (`KERAS_BACKEND=jax`; conftest makes eight host devices). E
 `data x expert` of the eight devices must: hold `E / expert` experts of every expert
 weight on each device, compute the forward pass and three training steps of one device
 (with the same token groups, so that the same assignments are dropped), and exchange
-token rows only through all-to-alls.
+token rows only through all-to-alls. Gated (SwiGLU) experts likewise, their gate and up
+projections split alike.
 """
 
 import re
@@ -25,8 +26,9 @@ EXPERTS, TOKENS, DIM, HIDDEN = 16, 256, 12, 20
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 
 
-def _model(token_groups=None, capacity_factor=1.0):
-    """A model that is not from the zoo: Dense, a noisy top-2 MoEDense, Dense."""
+def _model(token_groups=None, capacity_factor=1.0, gated_experts=None):
+    """A model that is not from the zoo: Dense, a noisy top-2 MoEDense, Dense (its
+    experts' hidden layer a GLU with `gated_experts`)."""
     inputs = keras.Input((DIM,))
     hidden = keras.layers.Dense(DIM, activation="relu", name="embed")(inputs)
     # A seeded gate: both models draw the same noise (JAX's random numbers do not depend
@@ -35,18 +37,19 @@ def _model(token_groups=None, capacity_factor=1.0):
     moe = MoEDense(
         DIM, num_experts=EXPERTS, top_k=2, gate=gate, expert_hidden_units=HIDDEN,
         dispatch="capacity", capacity_factor=capacity_factor, token_groups=token_groups,
+        gated_experts=gated_experts,
         balance_loss=[regularizers.ImportanceLoss(0.1), regularizers.LoadLoss(0.1)],
         name="moe",
     )
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(moe(hidden)))
 
 
-def _initial_weights():
+def _initial_weights(gated_experts=None):
     keras.utils.set_random_seed(0)
-    model = _model(token_groups=8)
+    model = _model(token_groups=8, gated_experts=gated_experts)
     rng = np.random.default_rng(1)
     for w in model.weights:
-        if "gate" in w.path:  # the paper's zero init would route every token alike
+        if w.path.startswith("moe/gate/"):  # the zero init would route every token alike
             w.assign(rng.normal(0, 0.5, w.shape).astype("float32"))
     return model.get_weights()
 
@@ -99,6 +102,53 @@ def test_mesh_holds_its_share_of_experts_and_trains_like_one_device(data, expert
     assert dropped == pytest.approx(want_dropped) and 0.0 < dropped < 0.5
 
 
+GATED_EXPERT_WEIGHTS = ("moe/hidden_kernel", "moe/hidden_bias", "moe/gate_kernel",
+                        "moe/gate_bias", "moe/kernel", "moe/bias")
+
+
+@pytest.fixture(scope="module")
+def one_device_gated():
+    weights = _initial_weights(gated_experts="swiglu")
+    return weights, _train_three_steps(_model(token_groups=8, gated_experts="swiglu"),
+                                       weights)
+
+
+@requires_jax
+@pytest.mark.parametrize("data, expert", [(1, 8), (2, 4)])
+def test_gated_experts_split_gate_and_up_alike_and_train_like_one_device(
+        data, expert, one_device_gated):
+    """SwiGLU experts (gate and up projections two stacked weights): every expert weight
+    split along the expert axis, the gate and up slices of the same experts on the same
+    device, and the forward pass and three training steps of one device."""
+    weights, (want_forward, want_losses, want_weights, want_dropped) = one_device_gated
+    distribution = expert_parallel.expert_parallel(data=data, expert=expert)
+    with distribution.scope():
+        model = _model(gated_experts="swiglu")
+        moe = model.get_layer("moe")
+        held = {}  # expert weight -> {device: its slice of the expert axis}
+        for w in moe.weights:
+            shards = w.value.addressable_shards
+            assert len(shards) == 8
+            if w.path in GATED_EXPERT_WEIGHTS:
+                assert all(s.data.shape[0] == EXPERTS // expert for s in shards), w.path
+                held[w.path] = {s.device: (s.index[0].start, s.index[0].stop) for s in shards}
+                assert len(set(held[w.path].values())) == expert  # distinct slices
+            else:
+                assert all(s.data.shape == tuple(w.shape) for s in shards), w.path
+        assert set(held) == set(GATED_EXPERT_WEIGHTS)
+        assert all(h == held["moe/kernel"] for h in held.values())
+        forward, losses, trained, dropped = _train_three_steps(model, weights)
+    np.testing.assert_allclose(forward, want_forward, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    names = [w.path for w in model.weights]
+    for name, got, want in zip(names, trained, want_weights, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    # The gate projection trained (the comparison is not of two untouched copies).
+    index = names.index("moe/gate_kernel")
+    assert not np.allclose(want_weights[index], weights[index])
+    assert dropped == pytest.approx(want_dropped) and 0.0 < dropped < 0.5
+
+
 def _collectives(hlo_text):
     """(op, element count of each result) of every collective in compiled HLO text."""
     found = []
@@ -137,13 +187,14 @@ def compiled_steps(model, x):
 
 
 @requires_jax
-def test_compiled_steps_exchange_token_rows_only_by_all_to_all():
+@pytest.mark.parametrize("gated_experts", [None, "swiglu"])
+def test_compiled_steps_exchange_token_rows_only_by_all_to_all(gated_experts):
     import jax
 
     distribution = expert_parallel.expert_parallel(data=2, expert=4)
     with distribution.scope():
-        model = _model()
-        model.set_weights(_initial_weights())
+        model = _model(gated_experts=gated_experts)
+        model.set_weights(_initial_weights(gated_experts))
         x = jax.device_put(_data()[0][:TOKENS], distribution.get_data_layout((TOKENS, DIM)).backend_layout)
         forward_hlo, train_hlo = compiled_steps(model, x)
 
@@ -157,11 +208,15 @@ def test_compiled_steps_exchange_token_rows_only_by_all_to_all():
     # All-reduces only of gradients (of the replicated weights, and of each device's
     # expert slice over the data axis, along which it is replicated) and of the
     # balancing losses' per-expert statistics: nothing the size of the token rows.
-    expert_weights = ("moe/hidden_kernel", "moe/hidden_bias", "moe/kernel", "moe/bias")
+    expert_weights = GATED_EXPERT_WEIGHTS  # those of plain experts, and gate_*
     gradient_sizes = {
         int(np.prod(w.shape)) // (4 if w.path in expert_weights else 1)
         for w in model.trainable_weights
     }
+    if gated_experts:  # the batched experts run gate and up as one [gate | up] matmul
+        moe = model.get_layer("moe")
+        gradient_sizes |= {2 * int(np.prod(moe.hidden_kernel.shape)) // 4,
+                           2 * int(np.prod(moe.hidden_bias.shape)) // 4}
     for op, sizes in train_ops:
         if op == "all-reduce":
             for size in sizes:

@@ -9,7 +9,8 @@ whose code the others repeat at a greater depth (DeepMoE ResNet-18 for the Image
 family, the depth-8 DeepMoE and plain CIFAR ResNets, DeepMoE VGG-16); the plain
 ImageNet ResNets, ResNet-56/110, their DeepMoE versions, DeepMoE ResNet-34/50 and the
 plain VGG-16 are exported too with KERAS_MOE_FULL_EXPORT=1 (all passed when this was
-written).
+written). Gated-expert MoEDense layers (SwiGLU, GPT-OSS's clamped GLU) are exported in
+sparse and capacity dispatch and served in this process.
 """
 
 import os
@@ -222,3 +223,53 @@ def test_return_gates_needs_a_readable_graph(tmp_path):
     with pytest.raises(ValueError, match="functional"):
         export_saved_model(_opaque_model(), tmp_path / "opaque", return_gates=True)
     assert not (tmp_path / "opaque").exists()
+
+
+# Gated (GLU) experts ---------------------------------------------------------------------
+
+
+def _gated_model(gated, use_bias, dispatch):
+    """Input, one gated top-2 MoEDense (linear gate), random weights large enough that
+    GPT-OSS's clamps bite and capacity dispatch drops."""
+    from keras_moe.layers import MoEDense, SoftmaxGate
+
+    inputs = keras.Input((6,))
+    moe = MoEDense(5, num_experts=4, top_k=2, gate=SoftmaxGate(4, top_k=2, use_bias=use_bias),
+                   expert_hidden_units=3, gated_experts=gated, use_bias=use_bias,
+                   dispatch=dispatch, capacity_factor=1.0, name="moe")
+    model = keras.Model(inputs, moe(inputs))
+    rng = np.random.default_rng(0)
+    for w in model.trainable_weights:
+        w.assign(rng.normal(0, 1.0, w.shape).astype("float32"))
+    return model
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("dispatch", ["sparse", "capacity"])
+@pytest.mark.parametrize("gated, use_bias", [("swiglu", False), ("clamped_swiglu", True)])
+def test_gated_moe_saved_model_serves_keras_outputs(gated, use_bias, dispatch, tmp_path):
+    """A SwiGLU (Mixtral's, no biases) or GPT-OSS clamped-GLU (with biases) MoEDense,
+    exported and reloaded with `tf.saved_model.load`: its outputs and gates at two batch
+    sizes (the served batch dimension is symbolic; capacity dispatch's slots follow it)."""
+    import tensorflow as tf
+
+    model = _gated_model(gated, use_bias, dispatch)
+    moe = model.get_layer("moe")
+    x = (3.0 * np.random.default_rng(1).normal(size=(16, 6))).astype("float32")
+    export_saved_model(model, tmp_path / "gated", return_gates=True, from_logits=False)
+    serve = tf.saved_model.load(str(tmp_path / "gated")).signatures["serving_default"]
+    assert list(moe.stacked_expert_weights()) == (
+        ["hidden_kernel", "hidden_bias", "gate_kernel", "gate_bias", "kernel", "bias"]
+        if use_bias else ["hidden_kernel", "gate_kernel", "kernel"])
+    probe = keras.Model(model.input, [model.output, gate_tensors(model)[2]["gates_moe"]])
+    for batch in (x, x[:5]):
+        moe.reset_drop_counters()
+        want, want_gates = (keras.ops.convert_to_numpy(t) for t in probe(batch, training=False))
+        if dispatch == "capacity" and len(batch) == len(x):
+            assert moe.dropped_fraction > 0  # the check covers dropped assignments
+        got = serve(images=tf.constant(batch))
+        assert set(got) == {"probabilities", "gates_moe"}
+        np.testing.assert_allclose(got["probabilities"].numpy(), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["gates_moe"].numpy(), want_gates, rtol=1e-5, atol=1e-6)
+    if gated == "clamped_swiglu":  # the gate clamp is reached on these inputs
+        assert (x @ keras.ops.convert_to_numpy(moe.gate_kernel)[0] > 7).any()

@@ -1,6 +1,7 @@
 """`keras_moe.hub.sparsify` on keras-hub's MoE families, one tiny model each: the
 sparsified model's logits equal keras-hub's, greedy `generate()` gives the same tokens,
-and a `.keras` round trip gives the same logits.
+and a `.keras` round trip and keras-hub presets (`save_to_preset` / `from_preset`, of
+keras-hub's model before `sparsify` and of the sparsified one) give the same logits.
 
 Runs on TensorFlow and on JAX (`multi_backend`).
 """
@@ -66,16 +67,30 @@ def _generate(causal_lm):
     return to_numpy(causal_lm.generate(_prompt(), stop_token_ids=None)["token_ids"])
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request):
-    """A tiny keras-hub causal LM, its logits and greedy tokens, then sparsified."""
-    backbone_name, lm_name, kwargs = FAMILIES[request.param]
+def _causal_lm(name):
+    """A tiny keras-hub causal LM of family `name` (no preprocessor)."""
+    backbone_name, lm_name, kwargs = FAMILIES[name]
     keras.utils.set_random_seed(0)
     backbone = getattr(keras_hub.models, backbone_name)(**COMMON, **kwargs)
     rng = np.random.default_rng(1)
     for w in backbone.trainable_weights:  # away from the initializers' zeros and ones
         w.assign(rng.normal(0, 0.5, w.shape).astype(w.dtype))
-    causal_lm = getattr(keras_hub.models, lm_name)(backbone=backbone, preprocessor=None)
+    return getattr(keras_hub.models, lm_name)(backbone=backbone, preprocessor=None)
+
+
+def _from_preset(name, path, **kwargs):
+    """`keras_hub.models.CausalLM.from_preset(path)`; for Gemma4, whose backbone has two
+    causal-LM tasks (Gemma4CausalLM, Gemma4AssistantCausalLM) between which keras-hub's
+    lookup does not choose, the family's class."""
+    cls = (getattr(keras_hub.models, FAMILIES[name][1]) if name == "gemma4"
+           else keras_hub.models.CausalLM)
+    return cls.from_preset(str(path), **kwargs)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    """A tiny keras-hub causal LM, its logits and greedy tokens, then sparsified."""
+    causal_lm = _causal_lm(request.param)
     logits = to_numpy(causal_lm(_inputs(request.param)))
     tokens = _generate(causal_lm)
     hub.sparsify(causal_lm)
@@ -114,6 +129,50 @@ def test_keras_file_round_trip_keeps_the_logits(family, tmp_path):
                for layer in restored.backbone._flatten_layers())
     np.testing.assert_allclose(to_numpy(restored(_inputs(name))), logits,
                                rtol=1e-5, atol=1e-5)
+
+
+def _is_sparse(causal_lm, name):
+    backbone = causal_lm.backbone
+    layers = list(backbone._flatten_layers())
+    return (type(backbone).__name__ == "Sparse" + FAMILIES[name][0]
+            and type(causal_lm).__name__ == "Sparse" + FAMILIES[name][1]
+            and sum(isinstance(layer, (hub.HubMoEBlock, hub.HubExpertBank))
+                    for layer in layers) == COMMON["num_layers"])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_preset_of_keras_hubs_model_loads_then_sparsifies_to_its_logits(name, tmp_path):
+    """keras-hub's own model: `save_to_preset`, `from_preset` (no tokenizer: the task
+    config has no preprocessor), then `sparsify` the loaded model."""
+    causal_lm = _causal_lm(name)
+    logits = to_numpy(causal_lm(_inputs(name)))
+    causal_lm.save_to_preset(str(tmp_path))
+    loaded = _from_preset(name, tmp_path)
+    assert type(loaded) is type(causal_lm) and loaded.preprocessor is None
+    hub.sparsify(loaded)
+    assert _is_sparse(loaded, name)
+    np.testing.assert_allclose(to_numpy(loaded(_inputs(name))), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_preset_of_a_sparsified_model_loads_sparsified(family, tmp_path):
+    """A sparsified model's preset: the backbone's config records the conversion
+    (`keras_moe>Sparse<Backbone>`, `sparse_moe`) and the task's class is
+    `keras_moe>Sparse<Task>`, so `CausalLM.from_preset` finds the task, builds it
+    sparsified and loads the sparse weights; a backbone-only preset loads the same."""
+    name, causal_lm, logits, _ = family
+    causal_lm.save_to_preset(str(tmp_path / "task"))
+    loaded = _from_preset(name, tmp_path / "task")
+    assert _is_sparse(loaded, name) and loaded.preprocessor is None
+    assert loaded.backbone.get_config()["sparse_moe"] == causal_lm.backbone.get_config()[
+        "sparse_moe"]
+    np.testing.assert_allclose(to_numpy(loaded(_inputs(name))), logits, rtol=1e-5, atol=1e-5)
+
+    causal_lm.backbone.save_to_preset(str(tmp_path / "backbone"))
+    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "backbone"))
+    assert type(backbone) is type(causal_lm.backbone)
+    loaded = _from_preset(name, tmp_path / "backbone", preprocessor=None)  # no tokenizer
+    assert _is_sparse(loaded, name)
+    np.testing.assert_allclose(to_numpy(loaded(_inputs(name))), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_models_are_refused_naming_the_families():

@@ -18,8 +18,9 @@ from keras_moe.hub.convert import (
     HubMoEBlock,
     expert_use,
     sparse_backbone_class,
+    sparse_task_class,
     sparsify,
 )
 
 __all__ = ["SUPPORTED_FAMILIES", "HubExpertBank", "HubMoEBlock", "expert_use",
-           "sparse_backbone_class", "sparsify"]
+           "sparse_backbone_class", "sparse_task_class", "sparsify"]

@@ -499,6 +499,36 @@ def sparse_backbone_class(base):
     return cls
 
 
+_SPARSE_TASKS = {}
+
+
+def sparse_task_class(base):
+    """The registered subclass of a keras-hub task class (e.g.
+    `keras_hub.models.MixtralCausalLM`) whose `backbone_cls` is the sparse backbone
+    class: `sparsify` gives a task this class, so that `save_to_preset` records it
+    (`task.json`) and `keras_hub.models.CausalLM.from_preset(dir)` (or the family's
+    class) finds it and loads the task sparsified, as keras-hub finds a task for its
+    own backbones.
+
+    Args:
+        base: A keras-hub task class whose `backbone_cls` is a supported backbone.
+
+    Returns:
+        The subclass, `keras_moe>Sparse<base name>` in saved files.
+    """
+    if getattr(base, "_is_sparse_moe_task", False):
+        return base
+    if base in _SPARSE_TASKS:
+        return _SPARSE_TASKS[base]
+    name = "Sparse" + base.__name__
+    cls = type(name, (base,), {"backbone_cls": sparse_backbone_class(base.backbone_cls),
+                               "_is_sparse_moe_task": True,
+                               "__doc__": sparse_task_class.__doc__})
+    cls = keras.saving.register_keras_serializable(package="keras_moe", name=name)(cls)
+    _SPARSE_TASKS[base] = cls
+    return cls
+
+
 def _options(dispatch="sparse", capacity_factor=1.25, balance_loss="family"):
     if dispatch not in DISPATCH_MODES:
         raise ValueError(f"`dispatch` must be one of {DISPATCH_MODES}; got {dispatch!r}.")
@@ -551,6 +581,9 @@ def sparsify(model, dispatch="sparse", capacity_factor=1.25, balance_loss="famil
     base = next(c for c in type(backbone).__mro__ if c.__name__ == family_class)
     backbone.__class__ = sparse_backbone_class(type(backbone) if type(backbone) is base
                                                else type(backbone))
+    if model is not backbone and getattr(type(model), "backbone_cls", None) is not None \
+            and issubclass(base, type(model).backbone_cls):
+        model.__class__ = sparse_task_class(type(model))  # e.g. for from_preset
     for attribute in ("train_function", "test_function", "predict_function",
                       "generate_function"):
         if getattr(model, attribute, None) is not None:
@@ -559,16 +592,23 @@ def sparsify(model, dispatch="sparse", capacity_factor=1.25, balance_loss="famil
 
 
 def _register_installed_families():
-    """Registers the sparse subclass of every supported backbone keras-hub has, so
-    that loading a saved sparsified model needs only `import keras_moe.hub`."""
+    """Registers the sparse subclass of every supported backbone keras-hub has, and of
+    each of their task classes, so that loading a saved sparsified model (`.keras` or
+    preset) needs only `import keras_moe.hub`."""
     try:
         import keras_hub
     except ImportError:
         return
+    bases = set()
     for name in FAMILIES:
         base = getattr(keras_hub.models, name, None)
         if base is not None:
             sparse_backbone_class(base)
+            bases.add(base)
+    for task in vars(keras_hub.models).values():
+        if isinstance(task, type) and issubclass(task, keras_hub.models.Task) \
+                and getattr(task, "backbone_cls", None) in bases:
+            sparse_task_class(task)
 
 
 _register_installed_families()
