@@ -159,7 +159,8 @@ def test_shared_arms_keep_the_deepmoe_studys_fingerprints_and_budgets_scale():
     assert f"model.width_multiplier={deepmoe_long.MATCHED_WIDTH}" in command
     # The long study's DeepMoE arm is the frontier's arm of that name, at 3x the epochs.
     frontier_arms = {arm.name: arm for arm in deepmoe_frontier.arms()}
-    assert arms[deepmoe_long.DEEPMOE_ARM].args == frontier_arms[deepmoe_long.DEEPMOE_ARM].args
+    for name in (deepmoe_long.DEEPMOE_ARM, deepmoe_long.DEFAULT_ARM):
+        assert arms[name].args == frontier_arms[name].args
     assert next(iter(long.budgets)) == "long"  # study.py's default budget
     assert deepmoe_ladder.LADDER_LAMBDA in deepmoe_frontier.WIDE_LAMBDAS
 

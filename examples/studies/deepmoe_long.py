@@ -12,6 +12,9 @@ plain ResNet-8 at width x0.92 (about 0.85x the MACs; MACs scale about as width^2
 A fixed lambda keeps closing gates for as long as it trains: seed 0 ended the 21 joint
 epochs at 0.022 open (1.22M effective MACs), not 0.48, so the long budget also trains
 the plain net at width x0.3 (`plain_w0p3`), the width whose MACs are nearest that.
+The recipe's default, wide with lambda fixed at 3.5 and the heads as initialised (the
+frontier's nearest arm to the plain line, chosen after this study began), trains at the
+same budget as `wide_lambda3p5` and is compared with the same plain net at x0.3.
 """
 
 from studies.base import Comparison, Study
@@ -24,6 +27,7 @@ EPOCH_FACTOR = 3
 MATCHED_WIDTH = 0.92
 LOW_WIDTH = 0.3
 DEEPMOE_ARM = "wide_spread_lambda3"
+DEFAULT_ARM = "wide_lambda3p5"  # zoo/deepmoe_resnet8_fashion_mnist.toml's setting
 BUDGETS = {
     "long": {**DEEPMOE_BUDGETS["full"], "seeds": 3,
              "joint": EPOCH_FACTOR * DEEPMOE_BUDGETS["full"]["joint"],
@@ -35,6 +39,7 @@ BUDGETS = {
 def arms():
     return [
         fixed_lambda(DEEPMOE_ARM, 3.0, spread=True),
+        fixed_lambda(DEFAULT_ARM, 3.5),
         plain("plain_matched", MATCHED_WIDTH,
               description=f"plain ResNet-8 at width x{MATCHED_WIDTH} (compute-matched)"),
         plain("plain_w0p3", LOW_WIDTH,
@@ -57,5 +62,9 @@ def study():
          Comparison(f"{DEEPMOE_ARM} - plain x{LOW_WIDTH}", DEEPMOE_ARM, "plain_w0p3",
                     "test_accuracy"),
          Comparison(f"{DEEPMOE_ARM} / plain x{LOW_WIDTH}", DEEPMOE_ARM, "plain_w0p3",
+                    "macs_millions", kind="ratio", decimals=3),
+         Comparison(f"{DEFAULT_ARM} - plain x{LOW_WIDTH}", DEFAULT_ARM, "plain_w0p3",
+                    "test_accuracy"),
+         Comparison(f"{DEFAULT_ARM} / plain x{LOW_WIDTH}", DEFAULT_ARM, "plain_w0p3",
                     "macs_millions", kind="ratio", decimals=3)],
         flags=bind_flags(budget_flags(), long_arms), notes=base.notes)
