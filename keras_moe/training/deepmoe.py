@@ -57,6 +57,7 @@ from keras_moe.layers.gates import ReLUGate
 from keras_moe.recipes import Phase
 from keras_moe.training.phases import recompile, run_phases
 from keras_moe.zoo.deepmoe import DEEPMOE, DeepMoEModel
+from keras_moe.zoo.registry import PhaseSetting, register_phase_settings
 
 __all__ = ["DeepMoEHistory", "DensityRecord", "GateDensityTarget", "density_ahead",
            "gating_layers", "recompile", "set_gating_trainable", "spread_gate_heads",
@@ -532,3 +533,60 @@ class GateDensityTarget(keras.callbacks.Callback):
             # keep one value per epoch.
             this_epoch = self.records[self._epoch_start:] or self.records[-1:]
             logs["gate_density_min"] = min(record.density for record in this_epoch)
+
+
+# The recipe phase keys of DeepMoE models (`keras_moe.recipes` documents them), owned here
+# with the procedure they configure and registered against the zoo's family: the phase
+# runner finds them through `DEEPMOE.phase_settings`, and the zoo imports nothing of
+# `keras_moe.training`.
+
+def _freeze_gating(model, value, context):
+    model.set_gating_trainable(not value)
+    return True  # Keras captures the trainable variables when it builds the train step
+
+
+def _coefficient(key):
+    def apply(model, value, context):
+        setattr(model, key, value)  # a variable: no recompile, no retrace
+        return False
+
+    apply.__qualname__ = f"_coefficient.{key}"
+    return apply
+
+
+def _density_controller(model, value, context):
+    if value is False:  # lambda fixed: the paper's Procedure 1
+        return []
+    if context.probe is None:
+        raise ValueError(f"phase {context.phase.name!r}: gate_density_target needs data to "
+                         "measure the gate density on")
+    return [GateDensityTarget(value, data=context.probe)]
+
+
+# The model attribute that records an explicit `spread_gate_heads` choice, so that the
+# controller's build step (run after it: `phase_settings` order) leaves the heads alone.
+_SPREAD_CHOSEN = "_keras_moe_spread_gate_heads_chosen"
+
+
+def _spread_heads_choice(model, value):
+    setattr(model, _SPREAD_CHOSEN, bool(value))
+    if value:
+        spread_gate_heads(model)
+
+
+def _spread_heads_for_controller(model, value):
+    if value is False or getattr(model, _SPREAD_CHOSEN, None) is not None:
+        return
+    # The density controller needs gates that close one by one, not all together.
+    spread_gate_heads(model)
+
+
+register_phase_settings(DEEPMOE, {
+    "freeze_gating": PhaseSetting(apply=_freeze_gating),
+    "gate_l1": PhaseSetting(apply=_coefficient("gate_l1")),
+    "embedding_loss_weight": PhaseSetting(apply=_coefficient("embedding_loss_weight")),
+    # Before gate_density_target: the build steps run in this order.
+    "spread_gate_heads": PhaseSetting(on_build=_spread_heads_choice),
+    "gate_density_target": PhaseSetting(callbacks=_density_controller,
+                                        on_build=_spread_heads_for_controller),
+})

@@ -36,11 +36,12 @@ from keras_moe.zoo.registry import (
     list_models,
     register_family,
     register_model,
+    register_phase_settings,
 )
 
 __all__ = ["ModelFamily", "PhaseContext", "PhaseSetting", "describe", "get_builder",
            "get_family", "get_model", "list_families", "list_models", "register_family",
-           "register_model"]
+           "register_model", "register_phase_settings"]
 
 
 def __getattr__(name):

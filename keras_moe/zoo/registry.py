@@ -17,7 +17,10 @@ default configuration beside its builder in the same way):
   (`keras_moe.tuning.space.RULES`);
 - `phase_settings`: the recipe phase keys this family's models understand
   (`freeze_gating`, `assignment_constraint`, ...), each with its `PhaseSetting`
-  handler, which the phase runner (`keras_moe.training.phases.run_phases`) calls.
+  handler, which the phase runner (`keras_moe.training.phases.run_phases`) calls. A
+  family whose settings belong to a training procedure (DeepMoE's Procedure 1 and its
+  controller, `keras_moe.training.deepmoe`) gets them from that module with
+  `register_phase_settings`, so that imports run one way: training -> zoo -> layers.
 
 Example:
 
@@ -109,6 +112,45 @@ def register_family(family):
         raise ValueError(f"a model family named {family.name!r} is already registered")
     _FAMILIES[family.name] = family
     return family
+
+
+def register_phase_settings(family, settings):
+    """Adds `{phase key: PhaseSetting}` to a registered family's `phase_settings`.
+
+    For a training procedure that owns a family's phase keys (the zoo must not import
+    `keras_moe.training`). Keys are added in the order given, after the family's own
+    (the order in which their `on_build` steps run); registering the same handler again
+    (a module reloaded) is a no-op.
+
+    Args:
+        family: A registered `ModelFamily`.
+        settings: `{phase key: PhaseSetting}`.
+
+    Returns:
+        The family.
+
+    Raises:
+        ValueError: `family` is not registered, or a key has another handler already.
+    """
+    if not isinstance(family, ModelFamily) or _FAMILIES.get(family.name) is not family:
+        raise ValueError(f"register_phase_settings: family must be a registered "
+                         f"ModelFamily, got {family!r}")
+    for key, setting in settings.items():
+        if not isinstance(setting, PhaseSetting):
+            raise ValueError(f"register_phase_settings({family.name}): {key!r} must be a "
+                             f"PhaseSetting, got {setting!r}")
+        held = family.phase_settings.get(key)
+        if held is not None and held != setting and _qualname(held) != _qualname(setting):
+            raise ValueError(f"family {family.name!r} already has a phase setting {key!r}")
+    family.phase_settings.update(settings)
+    return family
+
+
+def _qualname(setting):
+    """A setting's handlers by name: equal for a reloaded module's."""
+    return tuple(None if f is None else f.__qualname__
+                 for f in (setting.apply, setting.callbacks, setting.on_build)) + (
+        setting.needs_data,)
 
 
 def register_model(builder=None, *, family):

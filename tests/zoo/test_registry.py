@@ -1,9 +1,14 @@
 """The zoo registry: registration, families, lookup, suggestions for unknown names."""
 
+import ast
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
+
+import keras_moe.training  # noqa: F401  (registers DeepMoE's phase settings)
 
 from keras_moe import zoo
 from keras_moe.zoo import registry
@@ -42,6 +47,71 @@ def test_register_list_get_and_suggest(monkeypatch):
         registry.register_model(lambda: None, family="tiny")
     with pytest.raises(ValueError, match="family named 'tiny' is already"):
         registry.register_family(registry.ModelFamily("tiny", "another"))
+
+
+def test_a_procedure_registers_phase_settings_against_a_family(monkeypatch):
+    monkeypatch.setattr(registry, "_FAMILIES", {})
+
+    def own(model, value, context):
+        return False
+
+    def first(model, value):
+        pass
+
+    def second(model, value):
+        pass
+
+    family = registry.register_family(registry.ModelFamily(
+        "tiny", "a family for this test",
+        phase_settings={"own": registry.PhaseSetting(apply=own)}))
+    settings = {"b": registry.PhaseSetting(on_build=first),
+                "a": registry.PhaseSetting(on_build=second)}
+    assert registry.register_phase_settings(family, settings) is family
+    assert list(family.phase_settings) == ["own", "b", "a"]  # the on_build order
+    registry.register_phase_settings(family, settings)  # again (a reload): no change
+    assert list(family.phase_settings) == ["own", "b", "a"]
+    with pytest.raises(ValueError, match="already has a phase setting 'b'"):
+        registry.register_phase_settings(family, {"b": registry.PhaseSetting(on_build=second)})
+    with pytest.raises(ValueError, match="'c' must be a PhaseSetting"):
+        registry.register_phase_settings(family, {"c": second})
+    with pytest.raises(ValueError, match="registered ModelFamily"):
+        registry.register_phase_settings(registry.ModelFamily("other", "unregistered"), {})
+    assert list(family.phase_settings) == ["own", "b", "a"]
+
+
+def _imported_modules(path):
+    """Every module an `import` or `from ... import` in `path` names, at any depth."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return names
+
+
+def test_imports_run_one_way_training_then_zoo_then_layers():
+    """The zoo and the layers never import `keras_moe.training` (not even inside a
+    function), and the layers never import the zoo; DeepMoE's phase keys come from
+    `keras_moe.training.deepmoe`, which registers them when the training package loads."""
+    package = ZOO_SOURCES.parent
+    offenders = []
+    for folder, forbidden in (("zoo", ("keras_moe.training",)),
+                              ("layers", ("keras_moe.training", "keras_moe.zoo"))):
+        for path in (package / folder).rglob("*.py"):
+            for name in _imported_modules(path):
+                if name.startswith(forbidden):
+                    offenders.append(f"{path.relative_to(package)}: {name}")
+    assert offenders == []
+    probe = ("import sys, keras_moe.zoo as zoo; "
+             "print(sorted(m for m in sys.modules if m.startswith('keras_moe.training'))); "
+             "print(sorted(zoo.get_family('deepmoe_resnet56').phase_settings)); "
+             "import keras_moe.training; "
+             "print(list(zoo.get_family('deepmoe_resnet56').phase_settings))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=package.parent).stdout.splitlines()
+    assert out == ["[]", "[]", "['freeze_gating', 'gate_l1', 'embedding_loss_weight', "
+                               "'spread_gate_heads', 'gate_density_target']"]
 
 
 def test_every_registered_builder_is_a_zoo_attribute():
