@@ -5,11 +5,16 @@ default top-k) runs a prefill forward and a training step (loss and the gradient
 every weight) on `--tokens` tokens, compiled (tf.function or jax.jit), three ways:
 
 - `hub`: keras-hub's block, which runs every expert on every token;
-- `sparse`: the same block after `keras_moe.hub.sparsify` (a `HubMoEBlock` around
-  `MoEDense`, dropless sparse dispatch, weights copied);
+- `sparse`: the same block as `keras_moe.hub.sparsify` converts it
+  (`keras_moe.hub.sparse_block`: a `HubMoEBlock` around `MoEDense`, dropless sparse
+  dispatch, weights copied);
 - `floor`: the least work any top-k block can do: one dense SwiGLU network of the
   expert's sizes over the `k * tokens` assignments (plus the shared expert's network
   over the tokens, for the families that have one), plus the router's matmul.
+
+Gemma4's MoE block is its decoder's router (`Gemma4Router`, kept as it is) feeding its
+expert bank (`Gemma4MoEBlock`, which `sparsify` converts to a `HubExpertBank`); both
+`hub` and `sparse` run that pair, the same router object in each.
 
 Timings are medians over interleaved rounds (`keras_moe.benchmarking.
 interleaved_medians`): read the ratios, not the absolute times.
@@ -22,14 +27,18 @@ interleaved_medians`): read the ratios, not the absolute times.
 """
 
 import argparse
+import inspect
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import keras  # noqa: E402  (KERAS_BACKEND comes from the environment)
+
 # Family -> (block class path, constructor arguments at hidden `d`, width `f`, experts
 # `e`), top-k: each backbone's default (Qwen3.5-MoE has none: 4 here).
-TOP_K = {"mixtral": 2, "qwen_moe": 4, "qwen3_moe": 4, "qwen3_5_moe": 4, "gpt_oss": 2}
+TOP_K = {"mixtral": 2, "qwen_moe": 4, "qwen3_moe": 4, "qwen3_5_moe": 4, "gpt_oss": 2,
+         "gemma4": 8}
 SHARED = {"qwen_moe", "qwen3_5_moe"}
 
 
@@ -41,6 +50,13 @@ def make_block(family, d, f, e):
     from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenSparseMoeBlock
 
     k = min(TOP_K[family], e)
+    if family == "gemma4":
+        from keras_hub.src.models.gemma4.gemma4_moe import Gemma4MoEBlock, Gemma4Router
+
+        router, bank = Gemma4Router(e, k), Gemma4MoEBlock(e, d, f)
+        router.build((None, d))
+        bank.build((None, d))
+        return RoutedBank(router, bank), k
     if family == "mixtral":
         block = MixtralSparseMoeBlock(d, f, e, top_k=k)
     elif family == "qwen_moe":
@@ -55,11 +71,26 @@ def make_block(family, d, f, e):
     return block, k
 
 
-def sparse_block(family, block):
-    from keras_moe.hub import convert as lib
+class RoutedBank(keras.layers.Layer):
+    """Gemma4's MoE path as its decoder runs it: the router on `x`, the bank on the
+    flattened tokens with the router's (tokens, experts) dispatch weights."""
 
-    converter = next(conv for fam, _, _, conv in lib.FAMILIES.values() if fam == family)
-    return lib._converted_block(block, converter, lib._options(balance_loss=None))
+    def __init__(self, router, bank, **kwargs):
+        super().__init__(**kwargs)
+        self.router, self.bank = router, bank
+        self.built = router.built and bank.built  # stateless_call (JAX) needs it
+
+    def call(self, x, training=None):
+        tokens = keras.ops.reshape(x, (-1, x.shape[-1]))
+        return self.bank(tokens, self.router(x))
+
+
+def sparse_block(family, block, k):
+    from keras_moe import hub
+
+    if family == "gemma4":
+        return RoutedBank(block.router, hub.sparse_block(block.bank, top_k=k))
+    return hub.sparse_block(block, balance_loss=None)
 
 
 def make_floor(family, d, f, e, k, tokens):
@@ -80,7 +111,7 @@ def make_floor(family, d, f, e, k, tokens):
             half = h.shape[-1] // 2
             return ops.matmul(ops.silu(h[:, :half]) * h[:, half:], w_out)
 
-        def call(self, x):
+        def call(self, x, training=None):
             x = ops.reshape(x, (-1, d))
             out = ops.sum(ops.matmul(x, self.router)) * 0.0
             rows = ops.tile(x, (k, 1))  # the k * tokens assignments
@@ -108,8 +139,13 @@ def steps(layer, inputs):
         trainable = [v.value for v in layer.trainable_variables]
         non_trainable = [v.value for v in layer.non_trainable_variables]
 
+        # Keras passes `training` on only to a call that takes it; stateless_call passes
+        # what it is given (GPT-OSS's block takes none).
+        takes_training = "training" in inspect.signature(layer.call).parameters
+
         def run(tr, nt, x, training):
-            out, _ = layer.stateless_call(tr, nt, x, training=training)
+            kwargs = {"training": training} if takes_training else {}
+            out, _ = layer.stateless_call(tr, nt, x, **kwargs)
             return jnp.mean(jnp.square(first(out)))
 
         forward = jax.jit(lambda tr, nt, x: run(tr, nt, x, False))
@@ -161,7 +197,7 @@ def main(argv=None):
     for family in args.families:
         for e in args.experts:
             block, k = make_block(family, args.dim, args.width, e)
-            layers = {"hub": block, "sparse": sparse_block(family, block),
+            layers = {"hub": block, "sparse": sparse_block(family, block, k),
                       "floor": make_floor(family, args.dim, args.width, e, k, args.tokens)}
             candidates = {}
             for name, layer in layers.items():

@@ -53,3 +53,51 @@ def test_interleaved_medians_reads_tensor_results_inside_the_timing(monkeypatch)
     monkeypatch.setattr(benchmarking.time, "perf_counter", perf_counter)
     benchmarking.interleaved_medians({"t": Tensor}, reps=1, warmup=0)
     assert events == ["clock", "read", "clock"]
+
+
+def _benchmark_script(name):
+    import importlib.util
+
+    path = pathlib.Path(benchmarking.__file__).resolve().parent.parent / "benchmarks" / (
+        name + ".py")
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.multi_backend
+def test_keras_hub_benchmark_times_blocks_that_compute_the_same(capsys):
+    """`benchmarks/keras_hub_moe.py` compares like with like: for each family its
+    `hub` and `sparse` layers give the same compiled forward loss (and the same training
+    gradient sum) on this backend, and its table has a row per family, experts and step."""
+    pytest.importorskip("keras_hub")
+    import keras
+    import numpy as np
+
+    bench = _benchmark_script("keras_hub_moe")
+    d, f, e, tokens = 8, 4, 4, 12
+    inputs = keras.ops.convert_to_tensor(
+        np.random.default_rng(0).normal(size=(1, tokens, d)).astype("float32"))
+    for family in bench.TOP_K:
+        keras.utils.set_random_seed(0)
+        block, k = bench.make_block(family, d, f, e)
+        rng = np.random.default_rng(1)
+        for w in block.trainable_weights:  # away from the zero initialisers
+            w.assign(rng.normal(0, 0.5, w.shape).astype(w.dtype))
+        sparse = bench.sparse_block(family, block, k)
+        (hub_forward, hub_train), (forward, train) = (bench.steps(layer, inputs)
+                                                       for layer in (block, sparse))
+        assert float(hub_forward()) > 1e-6, family  # not a trivial output
+        np.testing.assert_allclose(float(forward()), float(hub_forward()), rtol=1e-4,
+                                   err_msg=family)
+        np.testing.assert_allclose(float(train()), float(hub_train()), rtol=1e-3, atol=1e-5,
+                                   err_msg=family)
+        floor = bench.make_floor(family, d, f, e, k, tokens)
+        assert np.isfinite(float(bench.steps(floor, inputs)[1]()))
+    bench.main(["--families", "gemma4", "mixtral", "--experts", "4", "--dim", str(d),
+                "--width", str(f), "--tokens", str(tokens), "--reps", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("gemma4", "mixtral"))]
+    assert [(r[0], r[1], r[4]) for r in rows] == [
+        (fam, "4", step) for fam in ("gemma4", "mixtral") for step in ("forward", "train")]

@@ -4,6 +4,9 @@ coefficient, so a sparsified model trains against the auxiliary loss it had. Che
 one MoE block of each family that has a loss, on unpadded tokens (keras-hub's
 `compute_load_balancing_loss` also masks padding, which ours does not; the card says so).
 
+Also `keras_moe.hub.sparse_block` on one block of each of the six families: the sparse
+block computes what keras-hub's does, and bad arguments are refused naming them.
+
 Runs on TensorFlow and on JAX (`multi_backend`).
 """
 
@@ -14,7 +17,7 @@ import pytest
 from testing_utils import to_numpy
 
 keras_hub = pytest.importorskip("keras_hub")
-from keras_moe.hub import convert  # noqa: E402  (needs keras_hub)
+from keras_moe import hub  # noqa: E402  (needs keras_hub)
 
 pytestmark = pytest.mark.multi_backend
 
@@ -36,30 +39,39 @@ def _hub_block(family):
 
         return Qwen3SparseMoeBlock(D, F, E, K, norm_top_k_prob=True,
                                    router_aux_loss_coefficient=0.3)
+    if family == "gpt_oss":
+        from keras_hub.src.models.gpt_oss.gpt_oss_decoder import GptOssSparseMoeBlock
+
+        return GptOssSparseMoeBlock(D, F, E, top_k=K)
+    if family == "gemma4":
+        from keras_hub.src.models.gemma4.gemma4_moe import Gemma4MoEBlock
+
+        return Gemma4MoEBlock(E, D, F)
     assert family == "qwen3_5_moe"
     from keras_hub.src.models.qwen3_5_moe.qwen3_5_moe_decoder import Qwen3_5MoeSparseMoeBlock
 
     return Qwen3_5MoeSparseMoeBlock(D, F, 2 * F, E, K, router_aux_loss_coefficient=0.3)
 
 
-def _converter(family):
-    return next(conv for fam, _, _, conv in convert.FAMILIES.values() if fam == family)
+def _randomized(block, scale=0.5, seed=3):
+    """`block`, built, its weights away from the initializers' zeros and ones."""
+    block.build((None, D) if type(block).__name__ == "Gemma4MoEBlock" else (None, None, D))
+    rng = np.random.default_rng(seed)
+    for w in block.trainable_weights:
+        w.assign(rng.normal(0, scale, w.shape).astype(w.dtype))
+    return block
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen_moe", "qwen3_moe", "qwen3_5_moe"])
 def test_sparsified_block_keeps_the_familys_balancing_loss(family):
     keras.utils.set_random_seed(0)
-    block = _hub_block(family)
-    block.build((None, None, D))
-    rng = np.random.default_rng(3)
-    for w in block.trainable_weights:  # a router far from uniform: the loss moves
-        w.assign(rng.normal(0, 1.0, w.shape).astype(w.dtype))
-    x = rng.normal(size=(2, TOKENS // 2, D)).astype("float32")
+    block = _randomized(_hub_block(family), scale=1.0)  # a router far from uniform
+    x = np.random.default_rng(4).normal(size=(2, TOKENS // 2, D)).astype("float32")
     block(x, training=True)
     hub_losses = [float(to_numpy(v)) for v in block.losses]
     assert len(hub_losses) == 1
 
-    sparse = convert._converted_block(block, _converter(family), convert._options())
+    sparse = hub.sparse_block(block)
     outputs = sparse(x, training=True)
     ours = [float(to_numpy(v)) for v in sparse.losses]
     assert len(ours) == 1
@@ -78,3 +90,44 @@ def test_sparsified_block_keeps_the_familys_balancing_loss(family):
     # No loss at inference, as keras-hub's block.
     sparse(x, training=False)
     assert [float(to_numpy(v)) for v in sparse.losses] == []
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gpt_oss", "mixtral", "qwen3_5_moe",
+                                    "qwen3_moe", "qwen_moe"])
+def test_sparse_block_computes_what_keras_hubs_block_does(family):
+    keras.utils.set_random_seed(0)
+    block = _randomized(_hub_block(family))
+    rng = np.random.default_rng(5)
+    if family == "gemma4":  # the bank, called with a router's top-K dispatch weights
+        from keras_hub.src.models.gemma4.gemma4_moe import Gemma4Router
+
+        router = _randomized(Gemma4Router(E, K))
+        x = rng.normal(size=(TOKENS, D)).astype("float32")
+        weights = router(x[None])
+        assert (to_numpy(weights) > 0).sum(-1).tolist() == [K] * TOKENS
+        sparse = hub.sparse_block(block, top_k=K)
+        assert isinstance(sparse, hub.HubExpertBank)
+        want, got = to_numpy(block(x, weights)), to_numpy(sparse(x, weights))
+    else:
+        x = rng.normal(size=(2, TOKENS // 2, D)).astype("float32")
+        sparse = hub.sparse_block(block, balance_loss=None)
+        assert isinstance(sparse, hub.HubMoEBlock) and sparse.losses == []
+        hub_outputs, ours = block(x), sparse(x)
+        want, got = (to_numpy(o[0] if isinstance(o, (tuple, list)) else o)
+                     for o in (hub_outputs, ours))
+    assert np.abs(want).max() > 1e-2  # weights far from zero: the outputs are not trivial
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_block_refuses_what_it_cannot_convert_naming_it():
+    with pytest.raises(ValueError, match="Dense is not a keras-hub MoE block.*supported: "
+                                         "Gemma4MoEBlock, GptOssSparseMoeBlock"):
+        hub.sparse_block(keras.layers.Dense(2))
+    with pytest.raises(ValueError, match="build the MixtralSparseMoeBlock first"):
+        hub.sparse_block(_hub_block("mixtral"))
+    with pytest.raises(ValueError, match="Gemma4MoEBlock needs `top_k`"):
+        hub.sparse_block(_randomized(_hub_block("gemma4")))
+    with pytest.raises(ValueError, match="`top_k` is for Gemma4's expert bank only"):
+        hub.sparse_block(_randomized(_hub_block("mixtral")), top_k=2)
+    with pytest.raises(ValueError, match="`dispatch` must be one of"):
+        hub.sparse_block(_randomized(_hub_block("mixtral")), dispatch="nope")

@@ -18,9 +18,10 @@ from keras_moe.hub.convert import (
     HubMoEBlock,
     expert_use,
     sparse_backbone_class,
+    sparse_block,
     sparse_task_class,
     sparsify,
 )
 
 __all__ = ["SUPPORTED_FAMILIES", "HubExpertBank", "HubMoEBlock", "expert_use",
-           "sparse_backbone_class", "sparse_task_class", "sparsify"]
+           "sparse_backbone_class", "sparse_block", "sparse_task_class", "sparsify"]

@@ -221,7 +221,7 @@ class HubExpertBank(StackedExperts, keras.layers.Layer):
         return config
 
 
-def _gemma4_bank(decoder, options):
+def _gemma4_bank(bank, top_k, options):
     """Gemma4: its router stays (it reads other inputs than the experts); the expert
     bank becomes a `HubExpertBank` (GeGLU, tanh GELU), `top_k` from the router."""
     if options["balance_loss"] not in (None, "family"):
@@ -229,11 +229,10 @@ def _gemma4_bank(decoder, options):
             "sparsify: Gemma4 keeps its own router, so `balance_loss` cannot be added to "
             "its MoE blocks (keras-hub's Gemma4 has no auxiliary loss); pass "
             "balance_loss=None or 'family'.")
-    bank = decoder.moe_expert_bank
     gate, up, down = _np(bank.gate_proj), _np(bank.up_proj), _np(bank.down_proj)
     num_experts, hidden, width = gate.shape
-    new = HubExpertBank(hidden, num_experts, decoder.moe_router.num_experts_per_token,
-                        width, gated_experts="geglu_tanh", dispatch=options["dispatch"],
+    new = HubExpertBank(hidden, num_experts, top_k, width, gated_experts="geglu_tanh",
+                        dispatch=options["dispatch"],
                         capacity_factor=options["capacity_factor"], name=bank.name,
                         dtype=bank.dtype_policy)
     new.build((None, hidden))
@@ -450,8 +449,8 @@ def _sparsify_backbone(backbone, options):
         block = getattr(decoder, attribute, None)
         if block is None or type(block).__name__ != block_class:
             continue  # a dense feed-forward layer (e.g. Qwen-MoE's mlp_only_layers)
-        new = (_gemma4_bank(decoder, options) if converter is None
-               else _converted_block(block, converter, options))
+        new = (_gemma4_bank(block, decoder.moe_router.num_experts_per_token, options)
+               if converter is None else _converted_block(block, converter, options))
         _replace_attribute(decoder, attribute, new)
         replaced += 1
     if not replaced:
@@ -539,6 +538,56 @@ def _options(dispatch="sparse", capacity_factor=1.25, balance_loss="family"):
                         if not isinstance(r, (str, dict)) else r for r in balance_loss]
     return {"dispatch": dispatch, "capacity_factor": float(capacity_factor),
             "balance_loss": balance_loss}
+
+
+def sparse_block(block, *, top_k=None, dispatch="sparse", capacity_factor=1.25,
+                 balance_loss="family"):
+    """The sparse equivalent of one keras-hub MoE block, its weights copied.
+
+    What `sparsify` puts in place of each block, for a block used on its own (a
+    benchmark, a model of one's own built from keras-hub's layers). `block` is left as
+    it was.
+
+    Args:
+        block: A built keras-hub MoE block: `MixtralSparseMoeBlock`,
+            `QwenSparseMoeBlock`, `Qwen3SparseMoeBlock`, `Qwen3_5MoeSparseMoeBlock`,
+            `GptOssSparseMoeBlock` (each becomes a `HubMoEBlock`, called as the block
+            is), or Gemma4's expert bank `Gemma4MoEBlock` (becomes a `HubExpertBank`,
+            called as `bank(tokens, dispatch_weights)`; its router stays).
+        top_k: Gemma4 only, and required there: experts per token (the router's
+            `num_experts_per_token`); the other blocks carry their own.
+        dispatch: As in `sparsify`.
+        capacity_factor: As in `sparsify`.
+        balance_loss: As in `sparsify`.
+
+    Returns:
+        The new layer, built.
+
+    Example:
+
+    >>> from keras_hub.src.models.mixtral.mixtral_decoder import MixtralSparseMoeBlock
+    >>> block = MixtralSparseMoeBlock(16, 8, 4, top_k=2)
+    >>> block.build((None, None, 16))
+    >>> outputs, router_logits = sparse_block(block)(np.ones((1, 3, 16), "float32"))
+    """
+    options = _options(dispatch, capacity_factor, balance_loss)
+    by_class = {block_class: converter for _, _, block_class, converter in FAMILIES.values()}
+    name = type(block).__name__
+    if name not in by_class:
+        raise ValueError(f"sparse_block: {name} is not a keras-hub MoE block this "
+                         f"converts; supported: {', '.join(sorted(by_class))}.")
+    if not block.built:
+        raise ValueError(f"sparse_block: build the {name} first (its weights are copied).")
+    converter = by_class[name]
+    if converter is None:
+        if top_k is None:
+            raise ValueError("sparse_block: a Gemma4MoEBlock needs `top_k` (its router's "
+                             "`num_experts_per_token`).")
+        return _gemma4_bank(block, int(top_k), options)
+    if top_k is not None:
+        raise ValueError(f"sparse_block: `top_k` is for Gemma4's expert bank only; a "
+                         f"{name} routes with its own top_k.")
+    return _converted_block(block, converter, options)
 
 
 def sparsify(model, dispatch="sparse", capacity_factor=1.25, balance_loss="family"):
