@@ -219,17 +219,8 @@ class StackedExperts:
     def _shared_expert_outputs(self, tokens):
         """(tokens, units): the sum of every shared expert's output on every token, times
         `sigmoid(x w)` with `shared_expert_gate` (Qwen-MoE)."""
-        weights = self._shared_weights
-        hidden_kernel, hidden_bias = self._first_layer(weights)
-        bias = weights.get("bias")
-        outputs = self._expert(
-            ops.expand_dims(tokens, 0),
-            hidden_kernel,
-            None if hidden_bias is None else hidden_bias[:, None, :],
-            weights["kernel"],
-            None if bias is None else bias[:, None, :],
-        )
-        outputs = ops.sum(outputs, axis=0)
+        outputs = ops.sum(self._expert(ops.expand_dims(tokens, 0), self._shared_weights),
+                          axis=0)
         if self._shared_gate_kernel is not None:
             gate = ops.matmul(tokens, ops.cast(self._shared_gate_kernel, tokens.dtype))
             outputs = outputs * ops.sigmoid(gate)
@@ -238,25 +229,14 @@ class StackedExperts:
     def _first_layer_parts(self, weights):
         """`(kernels, biases)` of the experts' first layer from a dict of their weights:
         one kernel (and bias), or for gated experts the gate and up projections as two
-        parts, `(gate, up)`; biases None when the experts have none."""
+        parts, `(gate, up)`, which every path multiplies apart and the GLU functions take
+        as two arguments (no per-call copy of the kernels side by side); biases None
+        when the experts have none."""
         kernel, bias = weights["hidden_kernel"], weights.get("hidden_bias")
         if self.gated_experts is None:
             return (kernel,), None if bias is None else (bias,)
         return (weights["gate_kernel"], kernel), (
             None if bias is None else (weights["gate_bias"], bias))
-
-    def _first_layer(self, weights):
-        """(kernel, bias) of the experts' first layer; gated experts: the gate and up
-        projections side by side, `[gate | up]` on the last axis (the GLU functions
-        split it), so that the batched paths run them as one matmul. The grouped FFN
-        takes the parts apart instead (`_first_layer_parts`): no copy of the kernels."""
-        if weights.get("hidden_kernel") is None:
-            return None, None
-        kernels, biases = self._first_layer_parts(weights)
-        kernel = kernels[0] if len(kernels) == 1 else ops.concatenate(kernels, axis=-1)
-        if biases is None:
-            return kernel, None
-        return kernel, biases[0] if len(biases) == 1 else ops.concatenate(biases, axis=-1)
 
     @property
     def _hidden_activation(self):
@@ -298,16 +278,19 @@ class StackedExperts:
             variable.assign(store[str(len(names) + offset)])
 
 
-    def _expert(self, x, hidden_kernel, hidden_bias, kernel, bias):
-        """One expert on a (tokens, features) or a batched (experts, tokens, features) x."""
-        if hidden_kernel is not None:
-            x = ops.matmul(x, hidden_kernel)
-            if hidden_bias is not None:
-                x = x + hidden_bias
-            x = self._hidden_activation(x)
-        y = ops.matmul(x, kernel)
+    def _expert(self, x, weights):
+        """The experts of `weights` (a dict of stacked weights) on a batched
+        (experts or 1, tokens, features) x: expert e on slice e (a leading 1 broadcasts)."""
+        if weights.get("hidden_kernel") is not None:
+            kernels, biases = self._first_layer_parts(weights)
+            parts = [ops.matmul(x, k) for k in kernels]
+            if biases is not None:
+                parts = [p + b[:, None, :] for p, b in zip(parts, biases)]
+            x = self._hidden_activation(*parts)
+        y = ops.matmul(x, weights["kernel"])
+        bias = weights.get("bias")
         if bias is not None:
-            y = y + bias
+            y = y + bias[:, None, :]
         return self.activation(y)
 
     def _on_each_device(self, compute):
@@ -343,18 +326,7 @@ class StackedExperts:
             inputs = ops.split(expert_inputs, pieces, axis=0)
         inputs = iter(inputs)
 
-        def compute(weights):
-            hidden_kernel, hidden_bias = self._first_layer(weights)
-            bias = weights.get("bias")
-            return self._expert(
-                next(inputs),
-                hidden_kernel,
-                None if hidden_bias is None else hidden_bias[:, None, :],
-                weights["kernel"],
-                None if bias is None else bias[:, None, :],
-            )
-
-        outputs = self._on_each_device(compute)
+        outputs = self._on_each_device(lambda weights: self._expert(next(inputs), weights))
         return outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=0)
 
     def _grouped_experts(self, expert_inputs, tokens_per_expert):
