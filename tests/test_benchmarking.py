@@ -39,6 +39,28 @@ def test_interleaved_medians_times_candidates_in_rounds(monkeypatch):
     assert medians == {"a": 2.0, "b": 5.0}
 
 
+def test_interleaved_medians_settles_each_candidate_right_before_its_timing(monkeypatch):
+    events = []
+    clock = [0.0]
+
+    def candidate(name):
+        def run():
+            events.append(name)
+            clock[0] += {"a": 1.0, "b": 10.0}[name]
+        return run
+
+    def perf_counter():
+        events.append("clock")
+        return clock[0]
+
+    monkeypatch.setattr(benchmarking.time, "perf_counter", perf_counter)
+    medians = benchmarking.interleaved_medians(
+        {"a": candidate("a"), "b": candidate("b")}, reps=2, warmup=1, settle=2)
+    one_round = ["a", "a", "clock", "a", "clock", "b", "b", "clock", "b", "clock"]
+    assert events == ["a", "b"] + one_round * 2
+    assert medians == {"a": 1.0, "b": 10.0}  # the settling calls are not timed
+
+
 def test_interleaved_medians_reads_tensor_results_inside_the_timing(monkeypatch):
     events = []
 

@@ -131,3 +131,24 @@ def test_sparse_block_refuses_what_it_cannot_convert_naming_it():
         hub.sparse_block(_randomized(_hub_block("mixtral")), top_k=2)
     with pytest.raises(ValueError, match="`dispatch` must be one of"):
         hub.sparse_block(_randomized(_hub_block("mixtral")), dispatch="nope")
+
+
+def test_blocks_the_converter_cannot_reproduce_are_refused_naming_the_caller():
+    from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenSparseMoeBlock
+
+    gpt_oss = _randomized(_hub_block("gpt_oss"))
+    gpt_oss.experts.alpha = 1.5  # keras-hub's experts take other constants
+    with pytest.raises(ValueError, match=r"^sparse_block: GptOssSparseMoeBlock: GPT-OSS "
+                                         r"experts with alpha=1.5, limit=7.0"):
+        hub.sparse_block(gpt_oss)
+    odd_shared = QwenSparseMoeBlock(D, F, F + 1, E, K, norm_top_k_prob=False)  # F + 1: not
+    # a multiple of the routed width
+    odd_shared.build((None, None, D))
+    with pytest.raises(ValueError, match=rf"^sparse_block: QwenSparseMoeBlock: the shared "
+                                         rf"expert's hidden width \({F + 1}\) must be a "
+                                         rf"multiple of the routed experts' \({F}\)"):
+        hub.sparse_block(odd_shared)
+    with pytest.raises(ValueError, match=r"^sparse_block: Gemma4MoEBlock: Gemma4 keeps its "
+                                         r"own router"):
+        hub.sparse_block(_randomized(_hub_block("gemma4")), top_k=K,
+                         balance_loss=["switch_load_balance"])

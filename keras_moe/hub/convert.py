@@ -18,13 +18,17 @@ def _np(variable):
     return np.asarray(ops.convert_to_numpy(variable))
 
 
+class _Unconvertible(ValueError):
+    """A block this converter cannot reproduce; `_convert_block` names the caller."""
+
+
 def _split_shared(gate, up, down, width):
     """A shared SwiGLU MLP of hidden width `n * width` as `n` stacked experts of
     `width` (a GLU is a sum over its hidden units, so the sum of the pieces is exact)."""
     d, total = gate.shape
     if total % width:
-        raise ValueError(
-            f"sparsify: the shared expert's hidden width ({total}) must be a multiple of "
+        raise _Unconvertible(
+            f"the shared expert's hidden width ({total}) must be a multiple of "
             f"the routed experts' ({width}) to become MoEDense shared experts of that width."
         )
     n = total // width
@@ -101,8 +105,8 @@ def _qwen3_5_moe(block):
 def _gpt_oss(block):
     experts = block.experts
     if (experts.alpha, experts.limit) != (1.702, 7.0):
-        raise ValueError(
-            f"sparsify: GPT-OSS experts with alpha={experts.alpha}, limit={experts.limit}; "
+        raise _Unconvertible(
+            f"GPT-OSS experts with alpha={experts.alpha}, limit={experts.limit}; "
             "MoEDense's clamped_swiglu has GPT-OSS's alpha=1.702, limit=7.0."
         )
     # Top-k of the logits, then a softmax over the k: the renormalised softmax.
@@ -225,8 +229,8 @@ def _gemma4_bank(bank, top_k, options):
     """Gemma4: its router stays (it reads other inputs than the experts); the expert
     bank becomes a `HubExpertBank` (GeGLU, tanh GELU), `top_k` from the router."""
     if options["balance_loss"] not in (None, "family"):
-        raise ValueError(
-            "sparsify: Gemma4 keeps its own router, so `balance_loss` cannot be added to "
+        raise _Unconvertible(
+            "Gemma4 keeps its own router, so `balance_loss` cannot be added to "
             "its MoE blocks (keras-hub's Gemma4 has no auxiliary loss); pass "
             "balance_loss=None or 'family'.")
     gate, up, down = _np(bank.gate_proj), _np(bank.up_proj), _np(bank.down_proj)
@@ -449,8 +453,8 @@ def _sparsify_backbone(backbone, options):
         block = getattr(decoder, attribute, None)
         if block is None or type(block).__name__ != block_class:
             continue  # a dense feed-forward layer (e.g. Qwen-MoE's mlp_only_layers)
-        new = (_gemma4_bank(block, decoder.moe_router.num_experts_per_token, options)
-               if converter is None else _converted_block(block, converter, options))
+        top_k = decoder.moe_router.num_experts_per_token if converter is None else None
+        new = _convert_block(block, converter, options, top_k, caller="sparsify")
         _replace_attribute(decoder, attribute, new)
         replaced += 1
     if not replaced:
@@ -461,7 +465,22 @@ def _sparsify_backbone(backbone, options):
     backbone._sparse_moe_options = dict(options)
 
 
-_SPARSE_CLASSES = {}
+_SPARSE_SUBCLASSES = {}  # (base, marker) -> its registered Sparse<base> subclass
+
+
+def _registered_sparse_subclass(base, marker, attributes):
+    """`keras_moe>Sparse<base name>`, built once per base: a subclass of `base` with
+    `attributes`, flagged by the class attribute `marker` (a flagged class is its own
+    sparse subclass)."""
+    if getattr(base, marker, False):
+        return base
+    key = (base, marker)
+    if key not in _SPARSE_SUBCLASSES:
+        name = "Sparse" + base.__name__
+        cls = type(name, (base,), {**attributes, marker: True})  # module: this one
+        _SPARSE_SUBCLASSES[key] = keras.saving.register_keras_serializable(
+            package="keras_moe", name=name)(cls)
+    return _SPARSE_SUBCLASSES[key]
 
 
 def sparse_backbone_class(base):
@@ -475,10 +494,6 @@ def sparse_backbone_class(base):
     Returns:
         The subclass, `keras_moe>Sparse<base name>` in saved files.
     """
-    if getattr(base, "_is_sparse_moe_backbone", False):
-        return base
-    if base in _SPARSE_CLASSES:
-        return _SPARSE_CLASSES[base]
 
     def __init__(self, *args, sparse_moe=None, **kwargs):
         base.__init__(self, *args, **kwargs)
@@ -489,16 +504,10 @@ def sparse_backbone_class(base):
         config["sparse_moe"] = dict(self._sparse_moe_options)
         return config
 
-    name = "Sparse" + base.__name__
-    cls = type(name, (base,), {"__init__": __init__, "get_config": get_config,
-                               "_is_sparse_moe_backbone": True,
-                               "__doc__": sparse_backbone_class.__doc__})  # module: this one
-    cls = keras.saving.register_keras_serializable(package="keras_moe", name=name)(cls)
-    _SPARSE_CLASSES[base] = cls
-    return cls
-
-
-_SPARSE_TASKS = {}
+    return _registered_sparse_subclass(
+        base, "_is_sparse_moe_backbone",
+        {"__init__": __init__, "get_config": get_config,
+         "__doc__": sparse_backbone_class.__doc__})
 
 
 def sparse_task_class(base):
@@ -517,15 +526,10 @@ def sparse_task_class(base):
     """
     if getattr(base, "_is_sparse_moe_task", False):
         return base
-    if base in _SPARSE_TASKS:
-        return _SPARSE_TASKS[base]
-    name = "Sparse" + base.__name__
-    cls = type(name, (base,), {"backbone_cls": sparse_backbone_class(base.backbone_cls),
-                               "_is_sparse_moe_task": True,
-                               "__doc__": sparse_task_class.__doc__})
-    cls = keras.saving.register_keras_serializable(package="keras_moe", name=name)(cls)
-    _SPARSE_TASKS[base] = cls
-    return cls
+    return _registered_sparse_subclass(
+        base, "_is_sparse_moe_task",
+        {"backbone_cls": sparse_backbone_class(base.backbone_cls),
+         "__doc__": sparse_task_class.__doc__})
 
 
 def _options(dispatch="sparse", capacity_factor=1.25, balance_loss="family"):
@@ -583,11 +587,21 @@ def sparse_block(block, *, top_k=None, dispatch="sparse", capacity_factor=1.25,
         if top_k is None:
             raise ValueError("sparse_block: a Gemma4MoEBlock needs `top_k` (its router's "
                              "`num_experts_per_token`).")
-        return _gemma4_bank(block, int(top_k), options)
-    if top_k is not None:
+    elif top_k is not None:
         raise ValueError(f"sparse_block: `top_k` is for Gemma4's expert bank only; a "
                          f"{name} routes with its own top_k.")
-    return _converted_block(block, converter, options)
+    return _convert_block(block, converter, options, top_k, caller="sparse_block")
+
+
+def _convert_block(block, converter, options, top_k, caller):
+    """The sparse layer for one block (Gemma4's bank when `converter` is None, with
+    its router's `top_k`); a block it cannot reproduce is refused naming `caller`."""
+    try:
+        if converter is None:
+            return _gemma4_bank(block, int(top_k), options)
+        return _converted_block(block, converter, options)
+    except _Unconvertible as error:
+        raise ValueError(f"{caller}: {type(block).__name__}: {error}") from None
 
 
 def sparsify(model, dispatch="sparse", capacity_factor=1.25, balance_loss="family"):
