@@ -17,7 +17,8 @@ expert bank (`Gemma4MoEBlock`, which `sparsify` converts to a `HubExpertBank`); 
 `hub` and `sparse` run that pair, the same router object in each.
 
 Timings are medians over interleaved rounds (`keras_moe.benchmarking.
-interleaved_medians`): read the ratios, not the absolute times.
+interleaved_medians`), each timed call right after an untimed one of the same step
+(`--settle 1`): read the ratios, not the absolute times.
 
     python benchmarks/keras_hub_moe.py                       # 8, 64, 128 experts
     python benchmarks/keras_hub_moe.py --dim 128 --width 128 --tokens 2048  # small blocks
@@ -180,6 +181,10 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=512, help="expert width f")
     parser.add_argument("--tokens", type=int, default=4096, help="batch x sequence (prefill)")
     parser.add_argument("--reps", type=int, default=3)
+    # 1: each timed call follows an untimed one of the same step, so the step after
+    # keras-hub's block is not charged for the memory that block freed (see
+    # `interleaved_medians`); 0 times them back to back.
+    parser.add_argument("--settle", type=int, default=1)
     args = parser.parse_args(argv)
 
     import keras
@@ -191,7 +196,8 @@ def main(argv=None):
     x = np.random.default_rng(0).normal(size=(1, args.tokens, args.dim)).astype("float32")
     inputs = keras.ops.convert_to_tensor(x)
     print(f"keras-hub MoE blocks, {keras.backend.backend()}: d={args.dim}, f={args.width}, "
-          f"{args.tokens} tokens; medians of {args.reps} interleaved rounds, ms")
+          f"{args.tokens} tokens; medians of {args.reps} interleaved rounds "
+          f"(settle={args.settle}), ms")
     print(f"{'family':12s} {'E':>4s} {'k':>2s} | {'step':7s} {'hub':>8s} {'sparse':>8s} "
           f"{'floor':>8s} | {'hub/sparse':>10s} {'sparse/floor':>12s}")
     for family in args.families:
@@ -204,9 +210,7 @@ def main(argv=None):
                 forward, train = steps(layer, inputs)
                 candidates[("forward", name)] = forward
                 candidates[("train", name)] = train
-            # settle=1: a candidate that follows keras-hub's block is not charged for
-            # the memory that block freed (see `interleaved_medians`).
-            times = interleaved_medians(candidates, args.reps, settle=1)
+            times = interleaved_medians(candidates, args.reps, settle=args.settle)
             for step in ("forward", "train"):
                 hub_t, sparse_t, floor_t = (times[(step, n)] for n in ("hub", "sparse", "floor"))
                 print(f"{family:12s} {e:4d} {k:2d} | {step:7s} {hub_t * 1e3:8.2f} "
