@@ -9,36 +9,20 @@ their commands. The rest reads commands and synthetic rows only.
 
 import json
 import math
-import os
 import pathlib
 import shlex
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
 XDIST_SPREAD = True
-REPO = pathlib.Path(__file__).resolve().parent.parent
-STUDY_SCRIPT = REPO / "examples" / "study.py"
-sys.path.insert(0, str(REPO / "examples"))  # as `python3 examples/study.py` has it
+
+from study_helpers import jsonl_rows, run_study  # noqa: E402  (puts examples/ on the path)
 
 from studies import deepmoe_frontier, deepmoe_ladder, deepmoe_long, get_study  # noqa: E402
 from studies.running import arm_fingerprints, study_rows, train_command  # noqa: E402
 from studies.table import compute_table  # noqa: E402
-
-
-def _run(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-    completed = subprocess.run([sys.executable, str(STUDY_SCRIPT), *map(str, args)],
-                               capture_output=True, text=True, timeout=timeout, env=env)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    return completed
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def resnet8_macs(widths, size=32, channels=3, classes=10):
@@ -66,10 +50,10 @@ def test_frontier_measures_its_runs_and_the_ladder_counts_the_shared_one(tmp_pat
     runs = tmp_path / "runs"
     frontier = tmp_path / "deepmoe_frontier.jsonl"
     figure = tmp_path / "frontier.png"
-    out = _run("deepmoe_frontier", "--budget", "tiny", "--arms", "wide_lambda3,plain_w0p5",
+    out = run_study("deepmoe_frontier", "--budget", "tiny", "--arms", "wide_lambda3,plain_w0p5",
                "--results", frontier, "--runs-dir", runs, "--figure", figure, "--json",
                timeout=600).stdout
-    rows = {row["arm"]: row for row in _rows(frontier)}
+    rows = {row["arm"]: row for row in jsonl_rows(frontier)}
     assert sorted(rows) == ["plain_w0p5", "wide_lambda3"]
     metrics = rows["wide_lambda3"]["metrics"]
     # No controller: lambda stays at 3 through the joint phase (history.jsonl's reading).

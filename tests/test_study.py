@@ -8,11 +8,8 @@ recomputation with scipy from a results file holding several seeds.
 
 import importlib.util
 import json
-import os
 import pathlib
 import shlex
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,29 +17,14 @@ from scipy import stats
 
 # The tests share nothing but the module: spread them over the test workers (conftest).
 XDIST_SPREAD = True
-REPO = pathlib.Path(__file__).resolve().parent.parent
-STUDY_SCRIPT = REPO / "examples" / "study.py"
 
-
-sys.path.insert(0, str(REPO / "examples"))  # as `python3 examples/study.py` has it
+from study_helpers import REPO, jsonl_rows, run_study  # noqa: E402  (puts examples/ on the path)
 
 from studies import deepmoe as deepmoe_study  # noqa: E402
 from studies import get_study  # noqa: E402
 from studies import results as results_file  # noqa: E402
 from studies import routing as routing_study  # noqa: E402
 from studies import table as study_table  # noqa: E402
-
-
-def _run(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-    completed = subprocess.run([sys.executable, str(STUDY_SCRIPT), *map(str, args)],
-                               capture_output=True, text=True, timeout=timeout, env=env)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    return completed
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _check_summary(entry, values):
@@ -63,8 +45,8 @@ def test_study_rows_resume_torn_line_and_table(tmp_path):
     runs = tmp_path / "runs"
     common = ("shazeer", "--budget", "tiny", "--results", results, "--runs-dir", runs)
 
-    first = _run(*common)
-    rows = _rows(results)
+    first = run_study(*common)
+    rows = jsonl_rows(results)
     assert [(r["arm"], r["seed"]) for r in rows] == [("balanced", 0), ("unbalanced", 0)]
     for row in rows:
         for field in ("paper", "arm", "seed", "budget", "budget_settings", "recipe", "model",
@@ -90,20 +72,20 @@ def test_study_rows_resume_torn_line_and_table(tmp_path):
 
     # A second invocation trains nothing: every row is there.
     before = results.read_bytes()
-    second = _run(*common)
+    second = run_study(*common)
     assert results.read_bytes() == before
     assert second.stdout.count("skip shazeer") == 2
     assert "run shazeer" not in second.stdout
 
     # A torn last line (a crash mid-write) is ignored with a warning ...
     results.write_bytes(before + b'{"paper": "shazeer", "arm": "balanced", "se')
-    printed = _run(*common, "--print-only", "--json")
+    printed = run_study(*common, "--print-only", "--json")
     assert "torn" in printed.stderr
     table = json.loads(printed.stdout)
     assert table["runs_done"] == 2 and table["runs_planned"] == 2
     # ... and the next append cuts it off, so every line is a row again.
     results_file.append_row(results, dict(rows[0], seed=1))
-    assert [r["seed"] for r in _rows(results)] == [0, 0, 1]
+    assert [r["seed"] for r in jsonl_rows(results)] == [0, 0, 1]
 
     # The printed table equals a recomputation from a file with several seeds.
     rng = np.random.default_rng(0)
@@ -116,11 +98,11 @@ def test_study_rows_resume_torn_line_and_table(tmp_path):
             results_file.append_row(several, dict(row, seed=seed, metrics=metrics))
     # A row of another settings fingerprint (the arm's command changed) is left out.
     results_file.append_row(several, dict(rows[0], seed=7, settings_id="other"))
-    table = json.loads(_run("shazeer", "--budget", "tiny", "--results", several,
+    table = json.loads(run_study("shazeer", "--budget", "tiny", "--results", several,
                             "--print-only", "--json").stdout)
     assert table["runs_done"] == 2 and table["runs_beyond_plan"] == 8
     assert table["rows_with_other_settings"] == 1
-    values = {(r["arm"], r["seed"]): r["metrics"] for r in _rows(several)
+    values = {(r["arm"], r["seed"]): r["metrics"] for r in jsonl_rows(several)
               if r["settings_id"] != "other"}
     entries = {(e["arm"], e["metric"]): e for e in table["arms"]}
     for arm in ("balanced", "unbalanced"):
@@ -134,7 +116,7 @@ def test_study_rows_resume_torn_line_and_table(tmp_path):
         _check_summary(paired["balanced - unbalanced", metric], differences)
 
     # The markdown table prints those numbers.
-    markdown = _run("shazeer", "--budget", "tiny", "--results", several, "--print-only",
+    markdown = run_study("shazeer", "--budget", "tiny", "--results", several, "--print-only",
                     "--markdown").stdout
     entry = entries["balanced", "test_accuracy"]
     assert (f"| balanced | test accuracy | 5 | {entry['mean']:.4f} | {entry['std']:.4f} | "
@@ -178,9 +160,9 @@ def test_the_routing_study_counts_unrouted_images_and_times_every_arm(tmp_path):
     test images get no expert (counted), every expert the same load; then one timed
     step of every arm's model, side by side."""
     results = tmp_path / "routing.jsonl"
-    _run("routing", "--budget", "tiny", "--arms", "expert_choice",
+    run_study("routing", "--budget", "tiny", "--arms", "expert_choice",
          "--results", results, "--runs-dir", tmp_path / "runs")
-    (row,) = _rows(results)
+    (row,) = jsonl_rows(results)
     assert row["arm"] == "expert_choice" and row["seed"] == 0
     metrics = row["metrics"]
     assert 0.0 < metrics["dropped_fraction"] < 0.5
@@ -309,8 +291,8 @@ def test_each_papers_study_measures_its_runs(tmp_path, paper, arms, check):
     """Every paper's measurement on real runs at its tiny budget (the full studies run
     for hours: a measurement that breaks would only show after the first run)."""
     results = tmp_path / f"{paper}.jsonl"
-    _run(paper, "--budget", "tiny", "--arms", arms, "--results", results,
+    run_study(paper, "--budget", "tiny", "--arms", arms, "--results", results,
          "--runs-dir", tmp_path / "runs", timeout=600)
-    rows = _rows(results)
+    rows = jsonl_rows(results)
     assert sorted(row["arm"] for row in rows) == sorted(arms.split(","))
     check(rows)

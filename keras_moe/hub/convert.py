@@ -65,41 +65,37 @@ def _mixtral(block):
     return spec, weights
 
 
-def _qwen_moe(block):
-    spec = dict(top_k=block.top_k, normalize_top_k=bool(block.norm_top_k_prob),
-                router_bias=False, gated_experts="swiglu", use_bias=False,
-                router_output="logits", aux_coefficient=block.router_aux_loss_coefficient)
-    weights = {"router_kernel": _np(block._sparse_feedforward_gate_dense.kernel),
-               **_qwen_bank(block.expert_bank)}
-    width = weights["up_kernel"].shape[-1]
-    n, gate, up, down = _qwen_mlp(block.shared_expert_dense, width)
-    spec.update(num_shared_experts=n, shared_expert_gate=True)
-    weights.update(shared_gate_kernel=gate, shared_up_kernel=up, shared_down_kernel=down,
-                   shared_expert_gate_kernel=_np(block.shared_expert_gate_dense.kernel))
+def _qwen_family(block, router, normalize_top_k, shared=None):
+    """The Qwen MoE blocks: a bias-free softmax router, the fused expert bank, and
+    `shared` = (the shared SwiGLU MLP, its sigmoid gate's dense) where there is one."""
+    spec = dict(top_k=block.top_k, normalize_top_k=normalize_top_k, router_bias=False,
+                gated_experts="swiglu", use_bias=False, router_output="logits",
+                aux_coefficient=block.router_aux_loss_coefficient)
+    weights = {"router_kernel": _np(router.kernel), **_qwen_bank(block.expert_bank)}
+    if shared is not None:
+        mlp, gate_dense = shared
+        n, gate, up, down = _qwen_mlp(mlp, weights["up_kernel"].shape[-1])
+        spec.update(num_shared_experts=n, shared_expert_gate=True)
+        weights.update(shared_gate_kernel=gate, shared_up_kernel=up,
+                       shared_down_kernel=down,
+                       shared_expert_gate_kernel=_np(gate_dense.kernel))
     return spec, weights
+
+
+def _qwen_moe(block):
+    return _qwen_family(block, block._sparse_feedforward_gate_dense,
+                        bool(block.norm_top_k_prob),
+                        shared=(block.shared_expert_dense, block.shared_expert_gate_dense))
 
 
 def _qwen3_moe(block):
-    spec = dict(top_k=block.top_k, normalize_top_k=bool(block.norm_top_k_prob),
-                router_bias=False, gated_experts="swiglu", use_bias=False,
-                router_output="logits", aux_coefficient=block.router_aux_loss_coefficient)
-    weights = {"router_kernel": _np(block._sparse_feedforward_gate_dense.kernel),
-               **_qwen_bank(block.expert_bank)}
-    return spec, weights
+    return _qwen_family(block, block._sparse_feedforward_gate_dense,
+                        bool(block.norm_top_k_prob))
 
 
-def _qwen3_5_moe(block):
-    spec = dict(top_k=block.top_k, normalize_top_k=True, router_bias=False,
-                gated_experts="swiglu", use_bias=False, router_output="logits",
-                aux_coefficient=block.router_aux_loss_coefficient)
-    weights = {"router_kernel": _np(block._router_gate.kernel),
-               **_qwen_bank(block.expert_bank)}
-    width = weights["up_kernel"].shape[-1]
-    n, gate, up, down = _qwen_mlp(block.shared_expert, width)
-    spec.update(num_shared_experts=n, shared_expert_gate=True)
-    weights.update(shared_gate_kernel=gate, shared_up_kernel=up, shared_down_kernel=down,
-                   shared_expert_gate_kernel=_np(block._shared_expert_gate.kernel))
-    return spec, weights
+def _qwen3_5_moe(block):  # always renormalised
+    return _qwen_family(block, block._router_gate, True,
+                        shared=(block.shared_expert, block._shared_expert_gate))
 
 
 def _gpt_oss(block):
