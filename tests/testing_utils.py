@@ -77,6 +77,18 @@ def gradients(fn, inputs=(), variables=()):
     raise NotImplementedError(f"no gradient helper for backend {BACKEND!r}")
 
 
+def outputs_and_gradients(layer, x):
+    """A layer's outputs on `x` and the gradients of a fixed weighted sum of them:
+    the input's first, then each trainable weight's (as numpy)."""
+    weights = np.sin(np.arange(layer.units, dtype="float32"))
+
+    def loss(inputs):
+        return ops.sum(layer(inputs) * weights)
+
+    _, input_grads, weight_grads = gradients(loss, [x], layer.trainable_weights)
+    return to_numpy(layer(x)), input_grads + weight_grads
+
+
 def assert_no_gradient(grad):
     """The gradient of something the value does not depend on: None (TF) or zeros (JAX)."""
     assert grad is None or not np.any(grad), grad

@@ -11,7 +11,7 @@ import pytest
 from scipy.special import erf
 
 from keras_moe.layers import MoEDense, SoftmaxGate
-from testing_utils import as_array, gradients, to_numpy
+from testing_utils import as_array, gradients, outputs_and_gradients, to_numpy
 
 pytestmark = pytest.mark.multi_backend
 
@@ -107,16 +107,6 @@ def test_gated_forward_matches_numpy_float64(gated, dispatch, shared, use_bias, 
     np.testing.assert_allclose(to_numpy(outputs), expected, rtol=1e-4, atol=1e-4)
 
 
-def _outputs_and_gradients(layer, x):
-    weights = np.sin(np.arange(layer.units, dtype="float32"))
-
-    def loss(inputs):
-        return keras.ops.sum(layer(inputs) * weights)
-
-    _, input_grads, weight_grads = gradients(loss, [x], layer.trainable_weights)
-    return to_numpy(layer(x)), input_grads + weight_grads
-
-
 @pytest.mark.parametrize("gated", ["clamped_swiglu"])
 def test_gated_dispatch_modes_agree_on_outputs_and_gradients(gated):
     """Sparse (TensorFlow's hand-written grouped-FFN gradient, JAX's ragged_dot),
@@ -132,7 +122,7 @@ def test_gated_dispatch_modes_agree_on_outputs_and_gradients(gated):
     for mode in ("sparse", "capacity"):
         for src, dst in zip(layers["dense"].trainable_weights, layers[mode].trainable_weights):
             dst.assign(src)
-    results = {mode: _outputs_and_gradients(layer, x) for mode, layer in layers.items()}
+    results = {mode: outputs_and_gradients(layer, x) for mode, layer in layers.items()}
     names = [w.path.split("/")[-1] for w in layers["dense"].trainable_weights]
     assert {"gate_kernel", "gate_bias", "shared_expert_gate_kernel"} <= set(names)
     assert np.abs(results["dense"][1][names.index("gate_kernel") + 1]).sum() > 0

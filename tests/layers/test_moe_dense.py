@@ -11,7 +11,7 @@ import pytest
 from keras_moe import regularizers
 from keras_moe.layers import MoEDense, NoisyTopKGate, SoftmaxGate
 from testing_utils import BACKEND, as_array, assert_no_gradient, gradients, requires_tensorflow
-from testing_utils import run_layer_test, to_numpy
+from testing_utils import outputs_and_gradients, run_layer_test, to_numpy
 
 pytestmark = pytest.mark.multi_backend
 
@@ -97,17 +97,6 @@ def copy_trainable_weights(source, target):
         dst.assign(src)
 
 
-def _outputs_and_gradients(layer, x):
-    """Output and gradients (input first, then each trainable weight) of a fixed loss."""
-    weights = np.sin(np.arange(layer.units, dtype="float32"))
-
-    def loss(inputs):
-        return keras.ops.sum(layer(inputs) * weights)
-
-    _, input_grads, weight_grads = gradients(loss, [x], layer.trainable_weights)
-    return to_numpy(layer(x)), input_grads + weight_grads
-
-
 @pytest.mark.parametrize("expert_hidden_units, top_k", [(None, 2), (16, 2), (16, 1), (16, 3)])
 def test_dispatch_modes_agree_on_outputs_and_gradients(expert_hidden_units, top_k):
     rng = np.random.default_rng(2)
@@ -115,7 +104,7 @@ def test_dispatch_modes_agree_on_outputs_and_gradients(expert_hidden_units, top_
     kwargs = dict(units=9, num_experts=6, top_k=top_k, gate_hidden_units=8,
                   expert_hidden_units=expert_hidden_units, activation="relu")
     layers = _layers_with_shared_weights(x, **kwargs)
-    results = {mode: _outputs_and_gradients(layer, x) for mode, layer in layers.items()}
+    results = {mode: outputs_and_gradients(layer, x) for mode, layer in layers.items()}
     assert layers["capacity"].dropped_fraction == 0.0
     for mode in ("sparse", "capacity"):
         np.testing.assert_allclose(results[mode][0], results["dense"][0], rtol=1e-5, atol=1e-6)
@@ -586,8 +575,8 @@ def test_experts_placed_on_devices_compute_what_the_unplaced_layer_does(dispatch
         assert len(pieces) == 4 and all(w.shape[0] == 2 for w in pieces)
         assert all(device.split("/")[-1] in w.value.device for w in pieces), device
     x = np.random.default_rng(18).normal(size=(30, 7)).astype("float32")
-    got_y, got_grads = _outputs_and_gradients(placed, x)
-    want_y, want_grads = _outputs_and_gradients(plain, x)
+    got_y, got_grads = outputs_and_gradients(placed, x)
+    want_y, want_grads = outputs_and_gradients(plain, x)
     np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_grads[0], want_grads[0], rtol=1e-5, atol=1e-6)  # inputs
     # Weight gradients: each device's pieces, stacked, equal the unplaced stacked ones.
