@@ -181,10 +181,10 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=512, help="expert width f")
     parser.add_argument("--tokens", type=int, default=4096, help="batch x sequence (prefill)")
     parser.add_argument("--reps", type=int, default=3)
-    # 1: each timed call follows an untimed one of the same step, so the step after
-    # keras-hub's block is not charged for the memory that block freed (see
-    # `interleaved_medians`); 0 times them back to back.
-    parser.add_argument("--settle", type=int, default=1)
+    parser.add_argument("--settle", type=int, default=1, help=(
+        "untimed calls of a step right before each timed one (1: the step after "
+        "keras-hub's block is not charged for the memory that block freed; 0: back to "
+        "back)"))
     args = parser.parse_args(argv)
 
     import keras

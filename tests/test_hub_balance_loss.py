@@ -141,8 +141,8 @@ def test_blocks_the_converter_cannot_reproduce_are_refused_naming_the_caller():
     with pytest.raises(ValueError, match=r"^sparse_block: GptOssSparseMoeBlock: GPT-OSS "
                                          r"experts with alpha=1.5, limit=7.0"):
         hub.sparse_block(gpt_oss)
-    odd_shared = QwenSparseMoeBlock(D, F, F + 1, E, K, norm_top_k_prob=False)  # F + 1: not
-    # a multiple of the routed width
+    # A shared expert of width F + 1: not a multiple of the routed experts' width F.
+    odd_shared = QwenSparseMoeBlock(D, F, F + 1, E, K, norm_top_k_prob=False)
     odd_shared.build((None, None, D))
     with pytest.raises(ValueError, match=rf"^sparse_block: QwenSparseMoeBlock: the shared "
                                          rf"expert's hidden width \({F + 1}\) must be a "

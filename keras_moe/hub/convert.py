@@ -520,8 +520,6 @@ def sparse_task_class(base):
     Returns:
         The subclass, `keras_moe>Sparse<base name>` in saved files.
     """
-    if getattr(base, "_is_sparse_moe_task", False):
-        return base
     return _registered_sparse_subclass(
         base, "_is_sparse_moe_task",
         {"backbone_cls": sparse_backbone_class(base.backbone_cls),
